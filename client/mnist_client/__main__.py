@@ -1,0 +1,3 @@
+from mnist_client.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""``python -m mnist_client``: predict files, show model info, check health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from mnist_client.client import DEFAULT_TIMEOUT_S, DigitClient
+from mnist_client.images import ImageError, to_image_bytes
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-client", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default="localhost:8500", help="server host:port")
+    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds")
+    common.add_argument("--ca-cert", type=Path, help="PEM CA to verify the server (TLS)")
+    common.add_argument("--client-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    common.add_argument("--client-key", type=Path, help="PEM client key (mutual TLS)")
+    common.add_argument("--token-file", type=Path, help="file holding a bearer token")
+    sub = parser.add_subparsers(dest="command", required=True)
+    predict = sub.add_parser("predict", parents=[common], help="classify image files")
+    predict.add_argument("files", nargs="+", type=Path, help="PNG/JPEG/... or 784-byte raw files")
+    sub.add_parser("info", parents=[common], help="show the model being served")
+    health = sub.add_parser("health", parents=[common], help="standard gRPC health check")
+    health.add_argument("--service", default="", help='service name ("" = whole server)')
+    return parser
+
+
+def _client(args: argparse.Namespace) -> DigitClient:
+    def read(p: Path | None) -> bytes | None:
+        return p.read_bytes() if p else None
+
+    return DigitClient(
+        args.target,
+        timeout=args.timeout,
+        root_certificates=read(args.ca_cert),
+        certificate_chain=read(args.client_cert),
+        private_key=read(args.client_key),
+        token=args.token_file.read_text().strip() if args.token_file else None,
+    )
+
+
+def _predict(client: DigitClient, files: Sequence[Path]) -> int:
+    images, names, failed = [], [], 0
+    for path in files:
+        try:
+            images.append(to_image_bytes(path))
+            names.append(str(path))
+        except ImageError as err:
+            print(f"{path}: error: {err}", file=sys.stderr)
+            failed += 1
+    if images:
+        batch = client.batch_predict(images)
+        for name, pred in zip(names, (batch[i] for i in range(len(batch)))):
+            print(f"{name}: {pred.digit} (p={pred.confidence:.4f}, model v{pred.model_version})")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mnist-client`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        with _client(args) as client:
+            if args.command == "predict":
+                return _predict(client, args.files)
+            if args.command == "info":
+                info = client.model_info()
+                print(json.dumps({k: v for k, v in info.__dict__.items()}, indent=2, default=str))
+                return 0
+            status = client.health(args.service)
+            print(status)
+            return 0 if status == "SERVING" else 1
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,304 @@
+"""Blocking and asyncio clients for the ``mnist.v1.DigitClassifier`` service.
+
+Both clients share one channel configuration: a default deadline per call that the caller can
+override, and gRPC's own retry policy (service config) that retries UNAVAILABLE with
+exponential backoff and nothing else, so a request the server rejected is never resent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from mnist_client import health_codec
+from mnist_client.images import to_batch, to_image_bytes
+from mnist_client.pb import digit_classifier_pb2 as pb
+from mnist_client.pb import digit_classifier_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT_S = 10.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVICE_NAME = "mnist.v1.DigitClassifier"
+
+_RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer: the digit, the 10 class probabilities and the model version."""
+
+    digit: int
+    probabilities: np.ndarray
+    model_version: int
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the predicted digit."""
+        return float(self.probabilities[self.digit])
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """Answers for many images, in request order; index it for one :class:`Prediction`."""
+
+    digits: np.ndarray  # [N] int
+    probabilities: np.ndarray  # [N, 10] float32
+    model_versions: np.ndarray  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, i: int) -> Prediction:
+        return Prediction(int(self.digits[i]), self.probabilities[i], int(self.model_versions[i]))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server is serving (see ``GetModelInfo`` in the proto)."""
+
+    model_version: int
+    architecture: str
+    test_accuracy: float
+    device: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    batching: dict[str, float]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    loaded_at: str = ""
+    last_failed_version: int = 0
+    last_failure: str = ""
+
+
+def _predict_request(image: Any) -> pb.PredictRequest:
+    return pb.PredictRequest(image=to_image_bytes(image))
+
+
+def _batch_request(images: Any) -> pb.BatchPredictRequest:
+    return pb.BatchPredictRequest(images=to_batch(images))
+
+
+def _prediction(resp: pb.PredictResponse) -> Prediction:
+    return Prediction(resp.digit, np.array(resp.probabilities, np.float32), resp.model_version)
+
+
+def _batch_prediction(resp: pb.BatchPredictResponse) -> BatchPrediction:
+    probs = np.array(resp.probabilities, np.float32).reshape(-1, 10)
+    return BatchPrediction(
+        np.array(resp.digits, np.int64), probs, np.array(resp.model_versions, np.int64)
+    )
+
+
+def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
+    b = resp.batching
+    return ModelInfo(
+        model_version=resp.model_version,
+        architecture=resp.architecture,
+        test_accuracy=resp.test_accuracy,
+        device=resp.device,
+        input_shape=tuple(resp.input.shape),
+        input_dtype=resp.input.dtype,
+        batching={
+            "max_batch_size": b.max_batch_size,
+            "batch_timeout_ms": b.batch_timeout_ms,
+            "max_queue_images": b.max_queue_images,
+            "max_images_per_request": b.max_images_per_request,
+        },
+        metadata=json.loads(resp.metadata_json) if resp.metadata_json else {},
+        loaded_at=resp.loaded_at,
+        last_failed_version=resp.last_failed_version,
+        last_failure=resp.last_failure,
+    )
+
+
+def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", _RETRY_SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        *extra,
+    ]
+
+
+@dataclass(frozen=True)
+class _ChannelConfig:
+    target: str
+    timeout: float
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...]
+    options: list[tuple[str, Any]]
+
+
+def _config(
+    target: str,
+    timeout: float,
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+    token: str | None,
+    options: Sequence[tuple[str, Any]],
+) -> _ChannelConfig:
+    creds = None
+    if root_certificates is not None or certificate_chain is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return _ChannelConfig(target, timeout, creds, metadata, _channel_options(options))
+
+
+class DigitClient:
+    """Blocking client. ``with DigitClient("localhost:8500") as c: c.predict(image)``.
+
+    Args:
+        target: ``host:port`` of the server.
+        timeout: default deadline of each call, in seconds; every method takes ``timeout=``.
+        root_certificates: PEM CA bundle to verify the server (enables TLS).
+        private_key, certificate_chain: PEM client key and certificate, for mutual TLS.
+        token: bearer token sent as ``authorization`` metadata when the server requires one.
+        options: extra gRPC channel options.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._cfg = _config(
+            target, timeout, root_certificates, private_key, certificate_chain, token, options
+        )
+        if self._cfg.credentials is not None:
+            self._channel = grpc.secure_channel(target, self._cfg.credentials, self._cfg.options)
+        else:
+            self._channel = grpc.insecure_channel(target, self._cfg.options)
+        self._stub = pb_grpc.DigitClassifierStub(self._channel)
+        self._health = self._channel.unary_unary(
+            health_codec.CHECK_METHOD,
+            request_serializer=health_codec.encode_request,
+            response_deserializer=health_codec.decode_response,
+        )
+
+    def _kw(self, timeout: float | None) -> dict[str, Any]:
+        return {
+            "timeout": self._cfg.timeout if timeout is None else timeout,
+            "metadata": self._cfg.metadata,
+        }
+
+    def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
+        """Classify one image (array, 784 bytes, path or PIL image)."""
+        return _prediction(self._stub.Predict(_predict_request(image), **self._kw(timeout)))
+
+    def batch_predict(self, images: Any, *, timeout: float | None = None) -> BatchPrediction:
+        """Classify many images in one call; answers come back in order."""
+        resp = self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
+        return _batch_prediction(resp)
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The model version, architecture, device and batching settings being served."""
+        return _model_info(self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout)))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ..."""
+        return str(self._health(service, **self._kw(timeout)))
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> DigitClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncDigitClient:
+    """The asyncio twin of :class:`DigitClient`: same arguments, awaitable methods.
+
+    ``async with AsyncDigitClient("localhost:8500") as c: await c.predict(image)``
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._cfg = _config(
+            target, timeout, root_certificates, private_key, certificate_chain, token, options
+        )
+        if self._cfg.credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                target, self._cfg.credentials, self._cfg.options
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(target, self._cfg.options)
+        self._stub = pb_grpc.DigitClassifierStub(self._channel)
+        self._health = self._channel.unary_unary(
+            health_codec.CHECK_METHOD,
+            request_serializer=health_codec.encode_request,
+            response_deserializer=health_codec.decode_response,
+        )
+
+    def _kw(self, timeout: float | None) -> dict[str, Any]:
+        return {
+            "timeout": self._cfg.timeout if timeout is None else timeout,
+            "metadata": self._cfg.metadata,
+        }
+
+    async def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
+        """Classify one image (array, 784 bytes, path or PIL image)."""
+        return _prediction(await self._stub.Predict(_predict_request(image), **self._kw(timeout)))
+
+    async def batch_predict(self, images: Any, *, timeout: float | None = None) -> BatchPrediction:
+        """Classify many images in one call; answers come back in order."""
+        resp = await self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
+        return _batch_prediction(resp)
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The model version, architecture, device and batching settings being served."""
+        req = pb.GetModelInfoRequest()
+        return _model_info(await self._stub.GetModelInfo(req, **self._kw(timeout)))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ..."""
+        return str(await self._health(service, **self._kw(timeout)))
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncDigitClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,1 @@
+"""The gRPC model server for MNIST digits (``python -m server``)."""

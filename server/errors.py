@@ -1,0 +1,45 @@
+"""Errors that carry their gRPC status code, raised anywhere on the request path.
+
+The RPC layer (``server.rpc``) turns a :class:`ServiceError` into its status and message; any
+other exception becomes INTERNAL with a generic message while the detail goes to the log.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An error a caller can act on: its ``code`` and ``message`` go to the caller as they are."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ModelFailed(ServiceError):
+    """The model call for a batch raised; every request in that batch gets this status."""
+
+    code = grpc.StatusCode.INTERNAL

@@ -1,0 +1,147 @@
+"""Server settings: one frozen object, from command-line flags with environment-variable defaults.
+
+Every flag ``--some-name`` has the environment variable ``MNIST_SOME_NAME``; a flag given on
+the command line wins over the variable, the variable over the built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MNIST_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told. Field names match the flags (``--max-batch-size``)."""
+
+    model_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 8500
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9100
+    model_version: int | None = None
+    max_batch_size: int = 256
+    batch_timeout_ms: float = 0.0
+    max_queue_images: int = 8192
+    max_images_per_request: int = 4096
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_concurrent_streams: int = 1024
+    poll_seconds: float = 2.0
+    grace_seconds: float = 20.0
+    pre_stop_seconds: float = 0.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append("--max-batch-size must be >= 1")
+        if self.batch_timeout_ms < 0:
+            problems.append("--batch-timeout-ms must be >= 0")
+        if self.max_images_per_request < 1:
+            problems.append("--max-images-per-request must be >= 1")
+        if self.max_queue_images < self.max_images_per_request:
+            problems.append("--max-queue-images must be >= --max-images-per-request")
+        if self.max_message_bytes < self.max_images_per_request * 790:
+            problems.append("--max-message-bytes is too small for --max-images-per-request")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.poll_seconds <= 0 or self.grace_seconds < 0 or self.pre_stop_seconds < 0:
+            problems.append("--poll-seconds must be > 0, --grace/--pre-stop-seconds >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+_HELP = {
+    "model_dir": "folder of integer model versions (MODEL_DIR/1, MODEL_DIR/2, ...)",
+    "host": "address the gRPC port binds to",
+    "port": "gRPC port (0 = pick a free one)",
+    "metrics_host": "address the Prometheus metrics port binds to",
+    "metrics_port": "Prometheus metrics port (0 = pick a free one)",
+    "model_version": "serve exactly this version and do not follow new ones (default: highest)",
+    "max_batch_size": "most images in one model call (1 = no batching)",
+    "batch_timeout_ms": "extra wait to fill a batch once the model is free (0 = never wait)",
+    "max_queue_images": "images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED",
+    "max_images_per_request": "most images in one BatchPredict",
+    "max_message_bytes": "largest request or response message",
+    "max_concurrent_streams": "most concurrent RPCs per HTTP/2 connection",
+    "poll_seconds": "how often the model folder is checked for new versions",
+    "grace_seconds": "on SIGTERM, time allowed to finish accepted requests",
+    "pre_stop_seconds": "on SIGTERM, time to keep serving after health turns NOT_SERVING",
+    "tls_cert": "PEM server certificate (enables TLS)",
+    "tls_key": "PEM server private key",
+    "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
+    "auth_token_file": "file holding a bearer token that every call must present",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    """The environment variable for a settings field, e.g. ``MNIST_MAX_BATCH_SIZE``."""
+    return ENV_PREFIX + name.upper()
+
+
+def _converter(annotation: str) -> Any:
+    if "Path" in annotation:
+        return Path
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The argument parser, with defaults taken from ``environ``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve a versioned MNIST SavedModel over gRPC (mnist.v1.DigitClassifier).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(Settings):
+        convert = _converter(str(f.type))
+        env = env_var(f.name)
+        default = f.default if f.name != "model_dir" else None
+        if env in environ:
+            try:
+                default = convert(environ[env])
+            except ValueError:
+                parser.error(f"{env}={environ[env]!r} is not a valid {convert.__name__}")
+        required = f.name == "model_dir" and default is None
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=convert,
+            default=default,
+            required=required,
+            help=f"{_HELP[f.name]} [env {env}]",
+        )
+    return parser
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from ``argv`` (default ``sys.argv[1:]``) and ``environ`` (default ``os.environ``)."""
+    parser = build_parser(os.environ if environ is None else environ)
+    args = parser.parse_args(argv)
+    try:
+        return Settings(**vars(args))
+    except ValueError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits

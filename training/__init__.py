@@ -1,0 +1,1 @@
+"""Offline training pipeline: MNIST IDX files -> evaluated, versioned SavedModel."""

@@ -1,0 +1,123 @@
+"""The Keras architectures. Every model takes uint8 ``[N, 28, 28]`` and scales inside the graph.
+
+Scaling in the model (``Rescaling(1/255)``) means the exported serving signature takes raw
+bytes, the server passes them straight through, and training, evaluation and serving all see
+exactly the same preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import keras
+from keras import layers, regularizers
+
+from training.data import IMAGE_SHAPE, NUM_CLASSES
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one architecture is built and trained by default."""
+
+    build: Callable[[int, int], keras.Model]  # (steps_per_epoch, epochs) -> compiled model
+    epochs: int
+    batch_size: int
+    patience: int  # early-stopping patience, in epochs
+    description: str
+
+
+def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    inputs = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="images")
+    scaled = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
+    return inputs, scaled
+
+
+def build_mlp(steps_per_epoch: int, epochs: int) -> keras.Model:
+    """The TF2 tutorial model: Flatten, Dense(128, relu), Dropout(0.2), Dense(10, softmax); Adam."""
+    del steps_per_epoch, epochs
+    inputs, x = _inputs()
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.2)(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="mlp")
+    model.compile(
+        optimizer=keras.optimizers.Adam(),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def build_mlp50(steps_per_epoch: int, epochs: int) -> keras.Model:
+    """The classic from-scratch perceptron: one sigmoid layer of 50 units, L2, mini-batch SGD.
+
+    The learning rate decays as ``lr0 / (1 + k * epoch)`` like the original's ``decrease_const``.
+    """
+    del epochs
+    l2 = regularizers.L2(1e-4)
+    inputs, x = _inputs()
+    x = layers.Flatten()(x)
+    x = layers.Dense(50, activation="sigmoid", kernel_regularizer=l2)(x)
+    outputs = layers.Dense(
+        NUM_CLASSES, activation="softmax", kernel_regularizer=l2, name="probabilities"
+    )(x)
+    model = keras.Model(inputs, outputs, name="mlp50")
+    schedule = keras.optimizers.schedules.InverseTimeDecay(
+        initial_learning_rate=0.5, decay_steps=max(1, steps_per_epoch), decay_rate=0.1
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=schedule, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def build_cnn(steps_per_epoch: int, epochs: int) -> keras.Model:
+    """The production model: a small VGG-style CNN with batch norm, dropout and augmentation.
+
+    Augmentation (small shifts, rotations, zooms; never flips, a flipped digit is another
+    symbol) runs only in training. The learning rate follows a cosine decay over the run.
+    """
+    inputs, x = _inputs()
+    x = layers.Reshape((*IMAGE_SHAPE, 1))(x)
+    x = layers.RandomRotation(0.03, fill_mode="constant", name="aug_rotate")(x)
+    x = layers.RandomTranslation(0.08, 0.08, fill_mode="constant", name="aug_shift")(x)
+    x = layers.RandomZoom(0.08, fill_mode="constant", name="aug_zoom")(x)
+    for filters in (32, 64):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D()(x)
+        x = layers.Dropout(0.25)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Activation("relu")(x)
+    x = layers.Dropout(0.4)(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="cnn")
+    model.compile(
+        optimizer=keras.optimizers.Adam(
+            learning_rate=keras.optimizers.schedules.CosineDecay(
+                initial_learning_rate=3e-3, decay_steps=max(1, steps_per_epoch * epochs), alpha=0.01
+            )
+        ),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "mlp": ArchSpec(build_mlp, epochs=10, batch_size=32, patience=3, description="tutorial MLP"),
+    "mlp50": ArchSpec(
+        build_mlp50, epochs=30, batch_size=64, patience=4, description="50-unit SGD perceptron"
+    ),
+    "cnn": ArchSpec(build_cnn, epochs=15, batch_size=128, patience=4, description="CNN"),
+}
