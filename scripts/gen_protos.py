@@ -56,7 +56,9 @@ def main() -> int:
     wanted = generate()
     if args.check:
         present = {p.name: p.read_text() for p in OUT_DIR.glob("*.py*") if p.is_file()}
-        drifted = sorted(n for n in wanted.keys() | present.keys() if wanted.get(n) != present.get(n))
+        drifted = sorted(
+            n for n in wanted.keys() | present.keys() if wanted.get(n) != present.get(n)
+        )
         if drifted:
             print(f"stubs in {OUT_DIR} differ from proto/: {', '.join(drifted)}", file=sys.stderr)
             print("run: python scripts/gen_protos.py", file=sys.stderr)

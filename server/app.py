@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import grpc.aio
@@ -49,11 +50,11 @@ class ModelServer:
             metrics=self.metrics,
             device=self.device,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_http = None
+        self._metrics_http: WSGIServer | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._serving = False
 
@@ -107,10 +108,11 @@ class ModelServer:
         else:
             self.port = self._grpc.add_insecure_port(address)
         await self._grpc.start()
-        self._metrics_http, _ = start_http_server(
+        metrics_http, _ = start_http_server(
             s.metrics_port, s.metrics_host, registry=self.metrics.registry
         )
-        self.metrics_port = self._metrics_http.server_port
+        self._metrics_http = metrics_http
+        self.metrics_port = metrics_http.server_port
         await self._follow_model()
         if s.model_version is None or self.manager.current is None:
             self._watcher = loop.create_task(self._watch(), name="model-watcher")

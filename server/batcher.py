@@ -18,7 +18,9 @@ Contract
   :class:`~server.errors.DeadlineExceeded` and costs no model time. A cancelled request is
   taken out of the queue count at once and skipped.
 * If a model call raises, every request with images in that batch fails with the same
-  :class:`~server.errors.ModelFailed`; the batcher keeps serving the next batch.
+  :class:`~server.errors.ModelFailed` (or the model function's own
+  :class:`~server.errors.ServiceError`, e.g. Unavailable when no model is loaded); the
+  batcher keeps serving the next batch.
 * ``stop()`` refuses new requests (:class:`~server.errors.Unavailable`), finishes every
   request already accepted, then ends the worker. Nothing accepted is dropped.
 
@@ -39,7 +41,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, ModelFailed, ResourceExhausted, Unavailable
+from server.errors import (
+    DeadlineExceeded,
+    ModelFailed,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -112,7 +120,9 @@ class DynamicBatcher:
         """Queue ``images`` for the model and wait for their probabilities and versions."""
         n = len(images)
         if self._stopping or self._worker is None:
-            raise Unavailable("server is shutting down" if self._stopping else "batcher not started")
+            raise Unavailable(
+                "server is shutting down" if self._stopping else "batcher not started"
+            )
         if n == 0:
             return np.zeros((0, 10), np.float32), np.zeros(0, np.int64)
         if self._queued_images + n > self.max_queue_images:
@@ -213,6 +223,10 @@ class DynamicBatcher:
             probs, version, seconds = await loop.run_in_executor(
                 self._executor, self._call_model, images
             )
+        except ServiceError as err:  # e.g. Unavailable: no model loaded yet
+            for s in batch:
+                self._fail(s.request, err)
+            return
         except Exception as err:
             log.error("model call on %d images failed", len(images), exc_info=err)
             self._metrics.batch_failures.inc()
@@ -253,5 +267,8 @@ class DynamicBatcher:
         req.parts.append((probs, versions))
         if s.stop == len(req.images):
             req.future.set_result(
-                (np.concatenate([p for p, _ in req.parts]), np.concatenate([v for _, v in req.parts]))
+                (
+                    np.concatenate([p for p, _ in req.parts]),
+                    np.concatenate([v for _, v in req.parts]),
+                )
             )

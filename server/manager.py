@@ -113,5 +113,9 @@ class ModelManager:
         self._failures[version] = failure
         self.last_failure = failure
         self._metrics.model_loads.labels("failed").inc()
-        log.error("model version %d rejected, still serving %s: %s", version,
-                  self._current.version if self._current else "nothing", reason)
+        log.error(
+            "model version %d rejected, still serving %s: %s",
+            version,
+            self._current.version if self._current else "nothing",
+            reason,
+        )

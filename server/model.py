@@ -61,7 +61,7 @@ class LoadedModel:
     _fn: Any = field(repr=False)
     _output_key: str = field(repr=False)
     loaded_at: str = field(
-        default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
 
     @property

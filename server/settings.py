@@ -137,7 +137,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def parse_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Settings from ``argv`` (default ``sys.argv[1:]``) and ``environ`` (default ``os.environ``)."""
+    """Settings from ``argv`` (default: sys.argv) and ``environ`` (default: os.environ)."""
     parser = build_parser(os.environ if environ is None else environ)
     args = parser.parse_args(argv)
     try:

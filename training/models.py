@@ -7,8 +7,8 @@ exactly the same preprocessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 from keras import layers, regularizers

@@ -80,7 +80,7 @@ def is_chief() -> bool:
 def _split(data: Mnist, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     """Hold out a seeded random ``fraction`` of the training images for validation."""
     order = np.random.default_rng(seed).permutation(len(data.x_train))
-    n_val = max(1, int(round(len(order) * fraction)))
+    n_val = max(1, round(len(order) * fraction))
     val, train = order[:n_val], order[n_val:]
     return data.x_train[train], data.y_train[train], data.x_train[val], data.y_train[val]
 
@@ -127,7 +127,9 @@ def train(config: TrainConfig, data: Mnist) -> TrainResult:
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=spec.patience, restore_best_weights=True
             ),
-            keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True),
+            keras.callbacks.ModelCheckpoint(
+                str(checkpoint), monitor="val_loss", save_best_only=True
+            ),
         ]
         log.info(
             "training %s (%d parameters) on %d images, validating on %d, %d epochs max, "
@@ -198,7 +200,7 @@ def train(config: TrainConfig, data: Mnist) -> TrainResult:
         claimed = config.model_dir / str(export.claim_version(config.model_dir, config.version))
         version = int(claimed.name)
         metadata["version"] = version
-        metadata["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        metadata["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         final = export.publish(staging, config.model_dir, version)
         claimed = None

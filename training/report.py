@@ -14,9 +14,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix
 
 CLASS_NAMES = [str(d) for d in range(10)]
 REPORT_FILES = (
@@ -132,7 +132,7 @@ def _plot_misclassified(path: Path, ev: Evaluation, images: np.ndarray, title: s
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 1.9), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, idx in zip(axes.flat, wrong):
+    for ax, idx in zip(axes.flat, wrong, strict=False):
         ax.imshow(images[idx], cmap="gray", vmin=0, vmax=255)
         p = ev.probabilities[idx, ev.predicted[idx]]
         ax.set_title(f"{ev.labels[idx]} → {ev.predicted[idx]} ({p:.2f})", fontsize=9)

@@ -1,8 +1,8 @@
 """Python SDK for the MNIST digit classifier gRPC service (``mnist.v1.DigitClassifier``).
 
-    from mnist_client import DigitClient
-    with DigitClient("localhost:8500") as client:
-        print(client.predict("digit.png").digit)
+from mnist_client import DigitClient
+with DigitClient("localhost:8500") as client:
+    print(client.predict("digit.png").digit)
 """
 
 from mnist_client.client import (

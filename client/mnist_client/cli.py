@@ -57,7 +57,7 @@ def _predict(client: DigitClient, files: Sequence[Path]) -> int:
             failed += 1
     if images:
         batch = client.batch_predict(images)
-        for name, pred in zip(names, (batch[i] for i in range(len(batch)))):
+        for name, pred in zip(names, (batch[i] for i in range(len(batch))), strict=False):
             print(f"{name}: {pred.digit} (p={pred.confidence:.4f}, model v{pred.model_version})")
     return 1 if failed else 0
 

@@ -130,6 +130,13 @@ def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
     )
 
 
+def _unknown_service_or_raise(err: grpc.RpcError) -> str:
+    # The health protocol answers NOT_FOUND for a service it does not know.
+    if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+        return "SERVICE_UNKNOWN"
+    raise err
+
+
 def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [
         ("grpc.service_config", _RETRY_SERVICE_CONFIG),
@@ -222,8 +229,11 @@ class DigitClient:
         return _model_info(self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout)))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ..."""
-        return str(self._health(service, **self._kw(timeout)))
+        """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ``"SERVICE_UNKNOWN"``."""
+        try:
+            return str(self._health(service, **self._kw(timeout)))
+        except grpc.RpcError as err:
+            return _unknown_service_or_raise(err)
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -290,12 +300,15 @@ class AsyncDigitClient:
         return _model_info(await self._stub.GetModelInfo(req, **self._kw(timeout)))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ..."""
-        return str(await self._health(service, **self._kw(timeout)))
+        """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ``"SERVICE_UNKNOWN"``."""
+        try:
+            return str(await self._health(service, **self._kw(timeout)))
+        except grpc.RpcError as err:
+            return _unknown_service_or_raise(err)
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncDigitClient:
         return self

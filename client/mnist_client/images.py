@@ -78,7 +78,7 @@ def _from_path(path: str | os.PathLike[str]) -> bytes:
     except ImportError:
         raw = _read_raw(path)
         if raw is None:
-            raise ImageError(f"{path}: reading image files needs Pillow (pip install Pillow)")
+            raise ImageError(f"{path}: reading image files needs Pillow") from None
         return raw
     try:
         with Image.open(path) as img:
@@ -124,7 +124,9 @@ def to_batch(images: Any) -> list[bytes]:
     """Many images as a list of 784-byte strings; a ``[N, 28, 28]`` uint8 array is the fast path."""
     if isinstance(images, np.ndarray) and images.ndim == 3:
         if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or images.dtype != np.uint8:
-            raise ImageError(f"batch array is {images.dtype}{images.shape}, expected uint8[N,28,28]")
+            raise ImageError(
+                f"batch array is {images.dtype}{images.shape}, expected uint8[N,28,28]"
+            )
         flat = np.ascontiguousarray(images).reshape(len(images), IMAGE_BYTES)
         return [row.tobytes() for row in flat]
     if not isinstance(images, Iterable) or isinstance(images, (bytes, str)):

@@ -1,0 +1,148 @@
+"""Shared fixtures: the real MNIST files, a really trained small model, a real server process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("MNIST_DATA_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder of real MNIST IDX files (``MNIST_DATA_DIR`` or ``../shared/data/mnist``)."""
+    path = _data_dir()
+    if (
+        not (path / "t10k-images-idx3-ubyte.gz").exists()
+        and not (path / "t10k-images-idx3-ubyte").exists()
+    ):
+        pytest.fail(f"MNIST IDX files not found in {path}; set MNIST_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_test(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The first 2,000 real test images and labels."""
+    from training.data import load_idx_dir
+
+    data = load_idx_dir(mnist_dir)
+    return data.x_test[:2000], data.y_test[:2000]
+
+
+def run_training(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``python -m training ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """A model folder holding version 1: the tutorial MLP really trained on 6,000 images."""
+    model_dir = tmp_path_factory.mktemp("models")
+    result = run_training(
+        "--arch", "mlp", "--data-dir", str(mnist_dir), "--model-dir", str(model_dir),
+        "--limit", "6000", "--epochs", "2", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_dir / "1" / "saved_model.pb").is_file()
+    return model_dir
+
+
+@dataclass
+class ServerProcess:
+    """A ``python -m server`` child process and where it listens."""
+
+    proc: subprocess.Popen[str]
+    target: str
+    metrics_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            return resp.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on the metrics page (0 if absent)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            base, _, label_text = sample.partition("{")
+            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+            if base == name and got == want:
+                return float(value)
+        return 0.0
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+_LISTEN = re.compile(r"on 127\.0\.0\.1:(\d+) .*metrics on 127\.0\.0\.1:(\d+)")
+
+
+def start_server(model_dir: Path, log_path: Path, *args: str, timeout: float = 90) -> ServerProcess:
+    """Start the real server on free loopback ports and wait until it listens."""
+    log_file = open(log_path, "w")  # noqa: SIM115 - owned by the process for its lifetime
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "server", "--model-dir", str(model_dir),
+            "--host", "127.0.0.1", "--port", "0",
+            "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+            "--poll-seconds", "0.5", *args,
+        ],
+        cwd=ROOT,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = _LISTEN.search(log_path.read_text())
+        if match:
+            return ServerProcess(
+                proc, f"127.0.0.1:{match[1]}", f"http://127.0.0.1:{match[2]}/metrics", log_path
+            )
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not start in {timeout}s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(
+    trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One real server for a test module, serving the trained model, default batching."""
+    srv = start_server(trained_model_dir, tmp_path_factory.mktemp("srv") / "server.log")
+    yield srv
+    assert srv.stop() == 0, srv.log()[-3000:]
