@@ -1,0 +1,118 @@
+"""``python -m bench``: measure the server against its ceilings; print, save JSON and a plot.
+
+    python -m bench --model-dir models --data-dir ../shared/data/mnist
+    python -m bench --smoke ...        # seconds-long run that only proves the bench works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _images(data_dir: Path | None) -> np.ndarray:
+    """1,024 real test digits when the data is at hand, else seeded random bytes."""
+    if data_dir is not None:
+        from training.data import load_idx_dir
+
+        return load_idx_dir(data_dir).x_test[:1024]
+    return np.random.default_rng(0).integers(0, 256, (1024, 28, 28), dtype=np.uint8)
+
+
+def _print_table(result: dict[str, object], ratios: dict[str, float]) -> None:
+    rows = result["table"]
+    head = (f"{'target':13s} {'load':14s} {'req/s':>9s} {'images/s':>10s} {'p50 ms':>8s} "
+            f"{'p90 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'batch':>6s} {'cpu':>5s}")  # fmt: skip
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:  # type: ignore[attr-defined]
+        batch = "" if math.isnan(r["mean_batch"]) else f"{r['mean_batch']:.1f}"
+        print(f"{r['target']:13s} {r['load']:14s} {r['rps']:9.0f} {r['images_per_s']:10.0f} "
+              f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:6d} "
+              f"{batch:>6s} {r['server_cpu_cores']:5.2f}")  # fmt: skip
+    in_proc = result["in_process_images_per_s"]
+    print("\nin-process SavedModel images/s: "
+          + ", ".join(f"batch {k}: {v:,.0f}" for k, v in in_proc.items()))  # type: ignore[attr-defined]
+    print("\nratios (medians, measured side by side):")
+    for name, value in ratios.items():
+        print(f"  {name:34s} {value:6.2f}")
+
+
+def _plot(result: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_target: dict[str, list[dict[str, float]]] = {}
+    for r in result["table"]:  # type: ignore[attr-defined]
+        if str(r["load"]).startswith("predict-c"):
+            by_target.setdefault(r["target"], []).append(r)
+    for target, rows in by_target.items():
+        rows.sort(key=lambda r: r["concurrency"])
+        conc = [r["concurrency"] for r in rows]
+        ax_rps.plot(conc, [r["rps"] for r in rows], marker="o", label=target)
+        ax_p99.plot(conc, [r["p99_ms"] for r in rows], marker="o", label=target)
+    for ax, label in ((ax_rps, "requests/s"), (ax_p99, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests (Predict)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_p99.set_yscale("log")
+    fig.suptitle(f"mnist.v1.DigitClassifier/Predict, {result['created_at']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench`` and ``mnist-bench``."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models"))
+    p.add_argument("--data-dir", type=Path, help="MNIST IDX folder for real request images")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians)")
+    p.add_argument("--concurrency", default="1,16,64,256", help="Predict concurrencies")
+    p.add_argument("--sweep", action="store_true", help="also batching-setting variants")
+    p.add_argument("--smoke", action="store_true", help="1 s runs, 1 repeat, c=1,16")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON and PNG go here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from bench.run import ratios, run_benchmark
+    from server.model import list_versions
+
+    if not list_versions(args.model_dir):
+        p.error(f"{args.model_dir}: no model version; train one (python -m training) first")
+    if args.smoke:
+        args.seconds, args.warmup, args.repeats, args.concurrency = 1.0, 0.5, 1, "1,16"
+    result = run_benchmark(
+        args.model_dir,
+        _images(args.data_dir),
+        concurrencies=[int(c) for c in args.concurrency.split(",")],
+        seconds=args.seconds,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        sweep=args.sweep,
+    )
+    result["ratios"] = r = ratios(result)
+    _print_table(result, r)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2))
+    _plot(result, args.out / f"bench-{stamp}.png")
+    print(f"\nwrote {json_path} and {json_path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

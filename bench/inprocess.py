@@ -1,0 +1,50 @@
+"""The in-process ceiling: images/s of the SavedModel called directly, no gRPC, no batcher.
+
+    python -m bench.inprocess --model-dir models --batches 1,32,256,1024 --seconds 2
+prints one JSON object: {"1": images_per_s, "32": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def measure(model_dir: Path, batches: list[int], seconds: float) -> dict[str, float]:
+    """Images/s of ``serving_default`` at each batch size, after a warm-up call."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    from server.model import list_versions, load_version, pick_device
+
+    version = list_versions(model_dir)[-1]
+    model = load_version(model_dir, version, pick_device())
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    for n in batches:
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        model.predict(images)
+        calls, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds or calls < 3:
+            model.predict(images)
+            calls += 1
+        out[str(n)] = calls * n / elapsed
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--batches", default="1,32,256,1024")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    print(json.dumps(measure(args.model_dir, batches, args.seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
