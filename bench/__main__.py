@@ -1,7 +1,7 @@
 """``python -m bench``: measure the server against its ceilings; print, save JSON and a plot.
 
-    python -m bench --model-dir models --data-dir ../shared/data/mnist
-    python -m bench --smoke ...        # seconds-long run that only proves the bench works
+python -m bench --model-dir models --data-dir ../shared/data/mnist
+python -m bench --smoke ...        # seconds-long run that only proves the bench works
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def _print_table(result: dict[str, object], ratios: dict[str, float]) -> None:
               f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:6d} "
               f"{batch:>6s} {r['server_cpu_cores']:5.2f}")  # fmt: skip
     in_proc = result["in_process_images_per_s"]
-    print("\nin-process SavedModel images/s: "
-          + ", ".join(f"batch {k}: {v:,.0f}" for k, v in in_proc.items()))  # type: ignore[attr-defined]
+    print(
+        "\nin-process SavedModel images/s: "
+        + ", ".join(f"batch {k}: {v:,.0f}" for k, v in in_proc.items())
+    )  # type: ignore[attr-defined]
     print("\nratios (medians, measured side by side):")
     for name, value in ratios.items():
         print(f"  {name:34s} {value:6.2f}")

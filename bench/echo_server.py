@@ -26,7 +26,9 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.so_reu
 
 
 class SyncEcho(pb_grpc.DigitClassifierServicer):
-    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+    def Predict(
+        self, request: pb.PredictRequest, context: grpc.ServicerContext
+    ) -> pb.PredictResponse:
         if len(request.image) != 784:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad image")
         return _RESPONSE

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+QUIET_SECONDS = 0.3  # on shutdown, how long no call must arrive before the port closes
 
 
 class ModelServer:
@@ -148,21 +149,56 @@ class ModelServer:
             await self._follow_model()
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, pre-stop window, refuse new RPCs, finish accepted ones, close."""
+        """Drain: NOT_SERVING, pre-stop window, refuse new work, finish accepted work, close.
+
+        New requests are refused by the batcher with UNAVAILABLE (an explicit, retryable
+        answer) while every accepted request is finished; only then is the gRPC server stopped,
+        so the window in which a late call could be cut off by the transport is as short as
+        it can be. All of it is bounded by ``--grace-seconds``.
+        """
         s = self.settings
+        loop = asyncio.get_running_loop()
         log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", s.grace_seconds)
         await self._set_health(NOT_SERVING)
         if self._watcher is not None:
             self._watcher.cancel()
         if s.pre_stop_seconds:
             await asyncio.sleep(s.pre_stop_seconds)
+        deadline = loop.time() + s.grace_seconds
+        try:
+            await asyncio.wait_for(asyncio.shield(self.batcher.stop()), s.grace_seconds)
+        except TimeoutError:
+            log.warning("grace period over with %d images queued", self.batcher.queued_images)
+        await self._wait_until_quiet(deadline)
         if self._grpc is not None:
-            await self._grpc.stop(s.grace_seconds)
-        await self.batcher.stop()
+            await self._grpc.stop(max(0.0, deadline - loop.time()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        log.info("stopped")
+        answered = self.metrics.requests_by_code()
+        log.info(
+            "stopped; answered %d requests: %s",
+            sum(answered.values()),
+            ", ".join(f"{code}={n}" for code, n in sorted(answered.items())) or "none",
+        )
+
+    async def _wait_until_quiet(self, deadline: float) -> None:
+        """Keep refusing late calls (UNAVAILABLE) until none arrive for a moment.
+
+        gRPC's own stop cancels calls that reached the transport but not yet a handler; a
+        client still sending sees those as CANCELLED, which it cannot tell from a lost
+        request. Waiting for a quiet moment first gives every late call an explicit answer.
+        """
+        loop = asyncio.get_running_loop()
+        total = sum(self.metrics.requests_by_code().values())
+        last_change = loop.time()
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            now_total = sum(self.metrics.requests_by_code().values())
+            if now_total != total:
+                total, last_change = now_total, loop.time()
+            elif loop.time() - last_change >= QUIET_SECONDS and not self.metrics.inflight_total():
+                return
 
 
 async def run(settings: Settings) -> int:

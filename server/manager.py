@@ -64,28 +64,31 @@ class ModelManager:
     def refresh(self) -> bool:
         """Load and swap to the wanted version if it is newer than the served one. Blocking.
 
+        Tries the highest candidate first and falls back to lower ones that have not failed
+        (at start-up, a broken newest version must not keep an older good one from serving).
         Returns True when a new version now serves. Never raises for a bad version: the
         failure is logged, counted and kept in ``last_failure``.
         """
         with self._load_lock:
-            wanted = self._wanted_version()
-            current = self._current.version if self._current else None
-            if wanted is None or wanted == current:
-                return False
-            if self.pinned_version is None and current is not None and wanted < current:
-                return False
-            try:
-                model = load_version(self.model_dir, wanted, self.device)
-            except ModelLoadError as err:
-                self._record_failure(wanted, str(err))
-                return False
-            self._current = model  # the swap: one reference, read once per batch
-            self._failures.pop(wanted, None)
-            self._metrics.model_loads.labels("ok").inc()
-            self._metrics.set_model(model.version, model.architecture, model.device)
-            if current is not None:
-                log.info("now serving version %d (was %d)", model.version, current)
-            return True
+            while True:
+                wanted = self._wanted_version()
+                current = self._current.version if self._current else None
+                if wanted is None or wanted == current:
+                    return False
+                if self.pinned_version is None and current is not None and wanted < current:
+                    return False
+                try:
+                    model = load_version(self.model_dir, wanted, self.device)
+                except ModelLoadError as err:
+                    self._record_failure(wanted, str(err))
+                    continue  # the failure is remembered: the next pass tries another
+                self._current = model  # the swap: one reference, read once per batch
+                self._failures.pop(wanted, None)
+                self._metrics.model_loads.labels("ok").inc()
+                self._metrics.set_model(model.version, model.architecture, model.device)
+                if current is not None:
+                    log.info("now serving version %d (was %d)", model.version, current)
+                return True
 
     def _wanted_version(self) -> int | None:
         versions = list_versions(self.model_dir)

@@ -89,6 +89,20 @@ class ServerMetrics:
         if images:
             self.images.labels(method, code).inc(images)
 
+    def requests_by_code(self) -> dict[str, int]:
+        """Total RPCs answered so far per status code, over all methods."""
+        totals: dict[str, int] = {}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    code = sample.labels["code"]
+                    totals[code] = totals.get(code, 0) + int(sample.value)
+        return totals
+
+    def inflight_total(self) -> int:
+        """RPCs being handled now, over all methods."""
+        return int(sum(s.value for m in self.inflight.collect() for s in m.samples))
+
     def set_model(self, version: int, architecture: str, device: str) -> None:
         """Record which version is served, after a load or a swap."""
         self.model.info({"version": str(version), "architecture": architecture, "device": device})

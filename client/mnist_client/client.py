@@ -138,12 +138,13 @@ def _unknown_service_or_raise(err: grpc.RpcError) -> str:
 
 
 def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    # gRPC keeps the first of repeated channel args: the caller's own options go first
     return [
+        *extra,
         ("grpc.service_config", _RETRY_SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        *extra,
     ]
 
 

@@ -1,0 +1,249 @@
+"""Hot reload, graceful shutdown and overload, on the real server under real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from mnist_client import AsyncDigitClient, DigitClient
+from tests.conftest import start_server
+
+
+def _publish(src: Path, model_dir: Path, version: int, edit_metadata: bool = True) -> None:
+    """Copy a version in the way the trainer does: staging folder, then one rename."""
+    staging = model_dir / f".tmp-copy-{version}"
+    shutil.copytree(src, staging)
+    if edit_metadata:
+        meta_path = staging / "metadata.json"
+        meta = json.loads(meta_path.read_text())
+        meta["version"] = version
+        meta_path.write_text(json.dumps(meta))
+    staging.rename(model_dir / str(version))
+
+
+class Traffic:
+    """Steady Predict traffic from a background thread; records every outcome."""
+
+    def __init__(self, target: str, images: np.ndarray, concurrency: int = 4) -> None:
+        self.target, self.images, self.concurrency = target, images, concurrency
+        self.versions: list[int] = []
+        self.codes: Counter[str] = Counter()
+        self.details: Counter[str] = Counter()
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _worker(self, client: AsyncDigitClient, k: int) -> None:
+        i = k
+        while not self._stop.is_set():
+            self.sent += 1
+            try:
+                p = await client.predict(self.images[i % len(self.images)], timeout=10)
+                self.versions.append(p.model_version)
+                self.codes["OK"] += 1
+            except grpc.aio.AioRpcError as err:
+                self.codes[err.code().name] += 1
+                self.details[f"{err.code().name}: {err.details()}"] += 1
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    return  # the server is gone or going: stop like a client behind an LB
+            i += self.concurrency
+
+    async def _main(self) -> None:
+        async with AsyncDigitClient(self.target) as client:
+            await asyncio.gather(*(self._worker(client, k) for k in range(self.concurrency)))
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_hot_reload_under_traffic_rejects_bad_versions_and_loses_nothing(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    _publish(trained_model_dir / "1", model_dir, 1)
+    srv = start_server(model_dir, tmp_path / "server.log")
+    x = mnist_test[0][:200]
+    try:
+        with Traffic(srv.target, x) as traffic, DigitClient(srv.target) as client:
+            assert _wait_for(lambda: len(traffic.versions) > 50)
+            # a version being written: folder without saved_model.pb is left alone
+            (model_dir / "5").mkdir()
+            (model_dir / "5" / "variables").mkdir()
+            # a corrupt version: rejected, version 1 keeps serving
+            (model_dir / "2").mkdir()
+            (model_dir / "2" / "saved_model.pb").write_bytes(b"not a saved model")
+            assert _wait_for(lambda: client.model_info().last_failed_version == 2)
+            info = client.model_info()
+            assert info.model_version == 1 and "cannot load" in info.last_failure
+            assert srv.metric("mnist_model_loads_total", result="failed") >= 1
+            # a good version 3 arrives: swapped in under traffic
+            _publish(trained_model_dir / "1", model_dir, 3)
+            assert _wait_for(lambda: client.model_info().model_version == 3)
+            seen = len(traffic.versions)
+            assert _wait_for(lambda: len(traffic.versions) > seen + 50)
+        assert traffic.codes == Counter({"OK": traffic.codes["OK"]}), traffic.codes
+        first_new = traffic.versions.index(3)
+        assert set(traffic.versions[:first_new]) == {1}
+        assert set(traffic.versions[first_new:]) == {3}  # switched once, never back
+        assert re.search(
+            r"model version 2 rejected, still serving 1: version 2: cannot load", srv.log()
+        )
+        assert srv.metric("mnist_model_version") == 3
+    finally:
+        assert srv.stop() == 0
+
+
+def test_pinned_version_does_not_follow(trained_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    _publish(trained_model_dir / "1", model_dir, 1)
+    _publish(trained_model_dir / "1", model_dir, 2)
+    srv = start_server(model_dir, tmp_path / "server.log", "--model-version", "1")
+    try:
+        with DigitClient(srv.target) as client:
+            assert client.model_info().model_version == 1
+            _publish(trained_model_dir / "1", model_dir, 3)
+            time.sleep(1.5)  # three poll periods
+            assert client.model_info().model_version == 1
+    finally:
+        assert srv.stop() == 0
+
+
+def test_golden_set_rejects_a_version_that_reads_digits_wrong(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    _publish(trained_model_dir / "1", model_dir, 1)
+    # version 2: same graph, but its golden set claims every digit is a (wrong) other digit
+    staging = model_dir / ".tmp-bad"
+    shutil.copytree(trained_model_dir / "1", staging)
+    with np.load(staging / "golden.npz") as golden:
+        images, labels = golden["images"], golden["labels"]
+    np.savez(staging / "golden.npz", images=images, labels=(labels + 1) % 10)
+    staging.rename(model_dir / "2")
+    srv = start_server(model_dir, tmp_path / "server.log")
+    try:
+        with DigitClient(srv.target) as client:
+            info = client.model_info()
+            assert info.model_version == 1
+            assert info.last_failed_version == 2 and "golden-set accuracy" in info.last_failure
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_under_load_answers_every_accepted_request(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    srv = start_server(
+        trained_model_dir, tmp_path / "server.log", "--pre-stop-seconds", "0.5",
+        "--grace-seconds", "10",
+    )  # fmt: skip
+    with Traffic(srv.target, mnist_test[0][:200], concurrency=16) as traffic:
+        assert _wait_for(lambda: traffic.codes["OK"] > 200)
+        with DigitClient(srv.target) as probe:
+            srv.proc.send_signal(signal.SIGTERM)
+            # health flips to NOT_SERVING at once, while requests are still answered
+            assert _wait_for(lambda: probe.health() == "NOT_SERVING", timeout=5)
+            assert probe.predict(mnist_test[0][0]).digit >= 0
+        assert srv.proc.wait(30) == 0
+    log = srv.log()
+    answered = re.search(r"stopped; answered \d+ requests: (.*)", log)
+    assert answered, log[-2000:]
+    server_codes = {k: int(v) for k, v in (kv.split("=") for kv in answered[1].split(", "))}
+    # Every request the server took in was answered and reached the client: the server's
+    # OK count equals the client's. Requests sent after the drain began were refused with an
+    # explicit, retryable UNAVAILABLE ("shutting down", or connection refused once closed).
+    assert set(server_codes) <= {"OK", "UNAVAILABLE"}, server_codes
+    assert server_codes["OK"] == traffic.codes["OK"] + 1  # + the probe's predict
+    # the SDK retries UNAVAILABLE (4 attempts): each refused call is answered up to 4 times
+    assert server_codes.get("UNAVAILABLE", 0) <= 4 * traffic.codes["UNAVAILABLE"]
+    assert set(traffic.codes) <= {"OK", "UNAVAILABLE"}, traffic.details
+    assert traffic.codes["OK"] + traffic.codes["UNAVAILABLE"] == traffic.sent
+
+
+def test_overload_fails_fast_and_recovers(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    srv = start_server(
+        trained_model_dir, tmp_path / "server.log", "--max-batch-size", "16",
+        "--max-queue-images", "512", "--max-images-per-request", "256",
+    )  # fmt: skip
+    x = mnist_test[0][:256]
+
+    async def flood() -> Counter[str]:
+        codes: Counter[str] = Counter()
+        async with AsyncDigitClient(srv.target) as client:
+
+            async def one() -> None:
+                try:
+                    await client.batch_predict(x, timeout=30)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as err:
+                    codes[err.code().name] += 1
+                    assert "server overloaded" in (err.details() or "")
+
+            await asyncio.gather(*(one() for _ in range(40)))
+        return codes
+
+    try:
+        started = time.monotonic()
+        codes = asyncio.run(flood())
+        flood_seconds = time.monotonic() - started
+        assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0, codes
+        assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert srv.metric("mnist_queue_images") == 0  # nothing left behind
+        with DigitClient(srv.target) as client:  # recovers at once
+            assert len(client.batch_predict(x[:10])) == 10
+        assert flood_seconds < 60
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("cancel_after", [0.001, 0.02])
+def test_cancelled_calls_leave_nothing_queued(
+    server, mnist_test: tuple[np.ndarray, np.ndarray], cancel_after: float
+) -> None:  # type: ignore[no-untyped-def]
+    x = mnist_test[0][:1024]
+
+    async def go() -> None:
+        async with AsyncDigitClient(server.target) as client:
+            calls = [asyncio.ensure_future(client.batch_predict(x)) for _ in range(8)]
+            await asyncio.sleep(cancel_after)
+            for c in calls:
+                c.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            await client.predict(x[0])
+
+    asyncio.run(go())
+    assert _wait_for(lambda: server.metric("mnist_queue_images") == 0, timeout=10)
+    assert _wait_for(
+        lambda: sum(server.metric("mnist_inflight_requests", method=m)
+                    for m in ("Predict", "BatchPredict")) == 0, timeout=10
+    )  # fmt: skip
