@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,12 +27,12 @@ def _images(data_dir: Path | None) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (1024, 28, 28), dtype=np.uint8)
 
 
-def _print_table(result: dict[str, object], ratios: dict[str, float]) -> None:
+def _print_table(result: dict[str, Any], ratios: dict[str, float]) -> None:
     rows = result["table"]
     head = (f"{'target':13s} {'load':14s} {'req/s':>9s} {'images/s':>10s} {'p50 ms':>8s} "
             f"{'p90 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'batch':>6s} {'cpu':>5s}")  # fmt: skip
     print("\n" + head + "\n" + "-" * len(head))
-    for r in rows:  # type: ignore[attr-defined]
+    for r in rows:
         batch = "" if math.isnan(r["mean_batch"]) else f"{r['mean_batch']:.1f}"
         print(f"{r['target']:13s} {r['load']:14s} {r['rps']:9.0f} {r['images_per_s']:10.0f} "
               f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:6d} "
@@ -40,13 +41,13 @@ def _print_table(result: dict[str, object], ratios: dict[str, float]) -> None:
     print(
         "\nin-process SavedModel images/s: "
         + ", ".join(f"batch {k}: {v:,.0f}" for k, v in in_proc.items())
-    )  # type: ignore[attr-defined]
+    )
     print("\nratios (medians, measured side by side):")
     for name, value in ratios.items():
         print(f"  {name:34s} {value:6.2f}")
 
 
-def _plot(result: dict[str, object], path: Path) -> None:
+def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +55,7 @@ def _plot(result: dict[str, object], path: Path) -> None:
 
     fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(12, 4.5))
     by_target: dict[str, list[dict[str, float]]] = {}
-    for r in result["table"]:  # type: ignore[attr-defined]
+    for r in result["table"]:
         if str(r["load"]).startswith("predict-c"):
             by_target.setdefault(r["target"], []).append(r)
     for target, rows in by_target.items():

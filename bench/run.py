@@ -24,6 +24,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -236,7 +237,7 @@ def loads(concurrencies: list[int]) -> list[Load]:
     return out
 
 
-def median_table(samples: list[Sample]) -> list[dict[str, object]]:
+def median_table(samples: list[Sample]) -> list[dict[str, Any]]:
     """One row per (target, load): medians over repeats."""
     groups: dict[tuple[str, str], list[Sample]] = {}
     for s in samples:
@@ -268,7 +269,7 @@ def run_benchmark(
     repeats: int,
     sweep: bool,
     include_echo: bool = True,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Start every target, run every load against each, interleaved, ``repeats`` times."""
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
@@ -311,14 +312,14 @@ def run_benchmark(
     }  # fmt: skip
 
 
-def ratios(result: dict[str, object]) -> dict[str, float]:
+def ratios(result: dict[str, Any]) -> dict[str, float]:
     """The figures the issue asks for, from the median table."""
-    table = {(r["target"], r["load"]): r for r in result["table"]}  # type: ignore[union-attr,index]
-    in_proc: dict[str, float] = result["in_process_images_per_s"]  # type: ignore[assignment]
+    table = {(r["target"], r["load"]): r for r in result["table"]}
+    in_proc: dict[str, float] = result["in_process_images_per_s"]
 
     def get(target: str, load: str, key: str) -> float:
         row = table.get((target, load))
-        return float(row[key]) if row else float("nan")  # type: ignore[arg-type]
+        return float(row[key]) if row else float("nan")
 
     top = max((c for (_, load), r in table.items() if load.startswith("predict-c")
                for c in [int(load[9:])]), default=64)  # fmt: skip

@@ -108,6 +108,7 @@ BAD_REQUESTS = [
     ("BatchPredict", pb.BatchPredictRequest().SerializeToString(),
      grpc.StatusCode.INVALID_ARGUMENT, "at least one image"),
     ("BatchPredict", _batch(784, 784, 784, 785), INVALID, "images[3] has 785 bytes"),
+    ("BatchPredict", _batch(784, 1568, 0), INVALID, "images[1] has 1568 bytes"),  # sum is right
     ("BatchPredict", _batch(*[784] * 4097), INVALID, "4097 images in one request, limit 4096"),
     ("Predict", b"\x08\x05", INVALID, "image (field 1) has the wrong type"),
     ("Predict", b"\x78\x01", INVALID, "unknown field number 15"),

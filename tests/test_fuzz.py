@@ -1,0 +1,200 @@
+"""Hostile input: arbitrary messages and bytes (hypothesis), and malformed HTTP/2 on the port."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mnist_client import DigitClient
+from mnist_client.pb import digit_classifier_pb2 as pb
+from tests.conftest import ServerProcess
+
+METHODS = ("Predict", "BatchPredict", "GetModelInfo")
+ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+CASES: Counter[str] = Counter()
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def _call(channel: grpc.Channel, method: str, payload: bytes) -> tuple[grpc.StatusCode, str]:
+    call = channel.unary_unary(f"/mnist.v1.DigitClassifier/{method}")
+    try:
+        call(payload, timeout=10)
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as err:
+        return err.code(), err.details() or ""  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def channel(server: ServerProcess):  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+def _assert_still_serving(server: ServerProcess) -> None:
+    with DigitClient(server.target) as client:
+        assert client.predict(np.zeros((28, 28), np.uint8)).model_version == 1
+        assert client.health() == "SERVING"
+
+
+@FUZZ
+@given(method=st.sampled_from(METHODS), payload=st.binary(max_size=4096))
+def test_arbitrary_bytes_get_a_proper_status(
+    channel: grpc.Channel, method: str, payload: bytes
+) -> None:
+    code, details = _call(channel, method, payload)
+    CASES["raw bytes"] += 1
+    assert code in ALLOWED, (code, details)
+    if code != grpc.StatusCode.OK:
+        assert details and "Exception" not in details and "Traceback" not in details
+
+
+image_bytes = st.one_of(
+    st.binary(min_size=784, max_size=784),
+    st.binary(max_size=1600),
+    st.sampled_from([b"", bytes(783), bytes(785), b"\xff" * 784]),
+)
+
+
+@FUZZ
+@given(image=image_bytes)
+def test_arbitrary_predict_requests(channel: grpc.Channel, image: bytes) -> None:
+    code, details = _call(channel, "Predict", pb.PredictRequest(image=image).SerializeToString())
+    CASES["Predict messages"] += 1
+    if len(image) == 784:
+        assert code == grpc.StatusCode.OK, details
+    else:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"image has {len(image)} bytes, expected 784" in details
+
+
+@FUZZ
+@given(images=st.lists(image_bytes, max_size=40))
+def test_arbitrary_batch_requests(channel: grpc.Channel, images: list[bytes]) -> None:
+    payload = pb.BatchPredictRequest(images=images).SerializeToString()
+    code, details = _call(channel, "BatchPredict", payload)
+    CASES["BatchPredict messages"] += 1
+    bad = [i for i, im in enumerate(images) if len(im) != 784]
+    if images and not bad:
+        assert code == grpc.StatusCode.OK, details
+    elif not images:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "at least one image" in details
+    else:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith(f"images[{bad[0]}] has {len(images[bad[0]])} bytes")
+
+
+@FUZZ
+@given(
+    field_number=st.integers(min_value=1, max_value=2000),
+    wire=st.sampled_from([0, 1, 2, 5]),
+    method=st.sampled_from(METHODS),
+)
+def test_unknown_or_mistyped_fields_are_invalid(
+    channel: grpc.Channel, field_number: int, wire: int, method: str
+) -> None:
+    bodies = {0: b"\x01", 1: bytes(8), 2: b"\x03abc", 5: bytes(4)}
+    key = field_number << 3 | wire
+    varint = bytearray()
+    while True:
+        varint.append((key & 0x7F) | (0x80 if key > 0x7F else 0))
+        key >>= 7
+        if not key:
+            break
+    code, details = _call(channel, method, bytes(varint) + bodies[wire])
+    CASES["unknown/mistyped fields"] += 1
+    assert code in ALLOWED
+    known = {"Predict": {1: 2}, "BatchPredict": {1: 2}, "GetModelInfo": {}}[method]
+    if known.get(field_number) == wire:
+        return  # a real field with the right type: judged on its value
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (field_number, wire, method)
+    assert "unknown field" in details or "wrong type" in details
+
+
+def test_fuzzing_left_the_server_serving(server: ServerProcess) -> None:
+    _assert_still_serving(server)
+    print(f"\nfuzz cases run: {dict(CASES)} (total {sum(CASES.values())})")
+    assert sum(CASES.values()) >= 4 * 100 or sum(CASES.values()) == 0
+
+
+# -- malformed HTTP/2 on the gRPC port ------------------------------------------------------
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes, length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    return struct.pack(">I", n)[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """HPACK literal header field without indexing, new name, no Huffman (short strings)."""
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def _grpc_headers(port: int) -> bytes:
+    fields = [
+        (b":method", b"POST"), (b":scheme", b"http"),
+        (b":path", b"/mnist.v1.DigitClassifier/Predict"),
+        (b":authority", f"127.0.0.1:{port}".encode()),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+    ]  # fmt: skip
+    return b"".join(_literal(n, v) for n, v in fields)
+
+
+def _send(port: int, data: bytes, read: bool = True) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        if not read:
+            return b""
+        chunks = b""
+        try:
+            while len(chunks) < 65536:
+                got = sock.recv(65536)
+                if not got:
+                    break
+                chunks += got
+        except TimeoutError:
+            pass
+        return chunks
+
+
+SETTINGS = _frame(4, 0, 0, b"")
+MALFORMED = {
+    "garbage": b"\x16\x03\x01\x02\x00" + bytes(range(256)) * 8,
+    "http1": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "truncated preface": PREFACE[:10],
+    "huge frame length": PREFACE + SETTINGS + _frame(0, 0, 1, b"abc", length=0xFFFFFF),
+    "truncated headers": PREFACE + SETTINGS + _frame(1, 4, 1, b"\x00\x05:meth", length=40),
+    "data on stream 0": PREFACE + SETTINGS + _frame(0, 1, 0, b"\x00\x00\x00\x00\x00"),
+    "bad hpack": PREFACE + SETTINGS + _frame(1, 5, 1, b"\xff\xff\xff\xff\xff\xff"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_http2_does_not_hurt_the_server(server: ServerProcess, name: str) -> None:
+    port = int(server.target.rsplit(":", 1)[1])
+    _send(port, MALFORMED[name])
+    _assert_still_serving(server)
+
+
+@pytest.mark.parametrize("declared", [0xFFFFFFFF, 64 * 1024 * 1024, 10_000])
+def test_grpc_message_with_a_false_length(server: ServerProcess, declared: int) -> None:
+    port = int(server.target.rsplit(":", 1)[1])
+    message = b"\x00" + struct.pack(">I", declared) + b"\x0a\x03abc"
+    reply = _send(
+        port,
+        PREFACE + SETTINGS + _frame(1, 4, 1, _grpc_headers(port)) + _frame(0, 1, 1, message),
+    )
+    assert reply  # the server answered (a status or a reset), it did not hang or die
+    _assert_still_serving(server)
