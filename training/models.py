@@ -76,10 +76,14 @@ def build_mlp50(steps_per_epoch: int, epochs: int) -> keras.Model:
 
 
 def build_cnn(steps_per_epoch: int, epochs: int) -> keras.Model:
-    """The production model: a small VGG-style CNN with batch norm, dropout and augmentation.
+    """The production model: a LeNet-5-style CNN (two 5x5 conv + pool stages), dropout,
+    augmentation, Adam with cosine decay. ~99.5% test accuracy in 15 epochs, ~8 minutes on
+    2 CPU cores.
 
-    Augmentation (small shifts, rotations, zooms; never flips, a flipped digit is another
-    symbol) runs only in training. The learning rate follows a cosine decay over the run.
+    Sized for the CPU: 'valid' 5x5 convolutions shrink the maps early (3.9 M multiply-adds
+    per image), and no batch norm (it cost 60% more time per epoch here for no accuracy on
+    this budget). Augmentation (small rotations, shifts, zooms; never flips, a flipped digit
+    is another symbol) runs only in training.
     """
     inputs, x = _inputs()
     x = layers.Reshape((*IMAGE_SHAPE, 1))(x)
@@ -87,27 +91,19 @@ def build_cnn(steps_per_epoch: int, epochs: int) -> keras.Model:
     x = layers.RandomTranslation(0.08, 0.08, fill_mode="constant", name="aug_shift")(x)
     x = layers.RandomZoom(0.08, fill_mode="constant", name="aug_zoom")(x)
     for filters in (32, 64):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("relu")(x)
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("relu")(x)
+        x = layers.Conv2D(filters, 5, activation="relu")(x)
         x = layers.MaxPooling2D()(x)
-        x = layers.Dropout(0.25)(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(128, use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.Activation("relu")(x)
-    x = layers.Dropout(0.4)(x)
+    x = layers.Dropout(0.3)(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.3)(x)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name="cnn")
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=2e-3, decay_steps=max(1, steps_per_epoch * epochs), alpha=0.01
+    )
     model.compile(
-        optimizer=keras.optimizers.Adam(
-            learning_rate=keras.optimizers.schedules.CosineDecay(
-                initial_learning_rate=3e-3, decay_steps=max(1, steps_per_epoch * epochs), alpha=0.01
-            )
-        ),
+        optimizer=keras.optimizers.Adam(learning_rate=schedule),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )

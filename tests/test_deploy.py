@@ -1,0 +1,166 @@
+"""Deployment files: every dashboard query returns data from a real Prometheus scraping a real
+server under load; alert rules and the compose file are valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from mnist_client import DigitClient
+from tests.conftest import ROOT, ServerProcess
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "mnist.json"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
+        pytest.skip(f"{tool} not installed (apt-get install {tool})")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _query(port: int, expr: str) -> list[dict[str, object]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def prometheus(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Debian's Prometheus scraping the test server every second."""
+    binary = _need("prometheus")
+    folder = tmp_path_factory.mktemp("prometheus")
+    metrics_target = server.metrics_url.split("//")[1].split("/")[0]
+    (folder / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: mnist-server\n    static_configs: [{{targets: ['{metrics_target}']}}]\n"
+    )
+    port = _free_port()
+    log = open(folder / "prometheus.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [binary, f"--config.file={folder / 'prometheus.yml'}",
+         f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if _query(port, 'up{job="mnist-server"} == 1'):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("Prometheus never scraped the server:\n" + (folder / "prometheus.log").read_text())
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def test_dashboard_covers_what_operators_need() -> None:
+    exprs = " ".join(e for _, e in _dashboard_queries())
+    for metric in (
+        "mnist_requests_total", "mnist_rpc_duration_seconds_bucket", "mnist_batch_queue_seconds",
+        "mnist_model_compute_seconds", "mnist_batch_size_images_bucket", "mnist_queue_images",
+        "mnist_model_version", "mnist_inflight_requests",
+    ):  # fmt: skip
+        assert metric in exprs, metric
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le, method) (rate(mnist_rpc_duration" in exprs
+
+
+def test_every_dashboard_query_returns_data(
+    server: ServerProcess, prometheus: int, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x = mnist_test[0]
+    stop = threading.Event()
+
+    def load() -> None:
+        with DigitClient(server.target) as client:
+            i = 0
+            while not stop.is_set():
+                client.predict(x[i % len(x)])
+                client.batch_predict(x[i % 500 : i % 500 + 64])
+                client.model_info()
+                if i % 10 == 0:  # some rejected calls, so the error panels have data
+                    try:
+                        client._stub.Predict(  # noqa: SLF001 - a deliberately bad request
+                            __import__("mnist_client").pb.digit_classifier_pb2.PredictRequest(
+                                image=b"short"
+                            )
+                        )
+                    except grpc.RpcError:
+                        pass
+                i += 1
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        time.sleep(6)  # several scrapes under load
+        empty = []
+        for title, expr in _dashboard_queries():
+            result = _query(prometheus, expr.replace("$__rate_interval", "30s"))
+            if not result:
+                empty.append(f"{title}: {expr}")
+        assert not empty, "queries without data:\n" + "\n".join(empty)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_alert_rules_are_valid() -> None:
+    promtool = _need("promtool")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(ROOT / "deploy" / "prometheus" / "alerts.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 rules found" in result.stdout
+
+
+def test_compose_file_is_valid() -> None:
+    compose = _need("docker-compose")
+    result = subprocess.run(
+        [compose, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = subprocess.run(
+        [compose, "-f", str(ROOT / "docker-compose.yml"), "config", "--services"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    ).stdout.split()  # fmt: skip
+    assert sorted(services) == ["grafana", "prometheus", "server", "trainer"]
