@@ -6,6 +6,8 @@ overload queues both resolve; batch-size buckets are powers of two up to 4096 im
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (
@@ -81,13 +83,22 @@ class ServerMetrics:
         )
         for result in ("ok", "failed"):
             self.model_loads.labels(result)
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def observe_rpc(self, method: str, code: str, images: int, seconds: float) -> None:
         """Record one finished RPC."""
-        self.rpc_duration.labels(method, code).observe(seconds)
-        self.requests.labels(method, code).inc()
+        children = self._rpc_children.get((method, code))
+        if children is None:  # labels() costs a lock and a tuple per call: look up once
+            children = self._rpc_children[(method, code)] = (
+                self.rpc_duration.labels(method, code),
+                self.requests.labels(method, code),
+                self.images.labels(method, code),
+            )
+        duration, requests, image_count = children
+        duration.observe(seconds)
+        requests.inc()
         if images:
-            self.images.labels(method, code).inc(images)
+            image_count.inc(images)
 
     def requests_by_code(self) -> dict[str, int]:
         """Total RPCs answered so far per status code, over all methods."""

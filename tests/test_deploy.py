@@ -3,6 +3,7 @@ server under load; alert rules and the compose file are valid."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,13 +14,13 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 from mnist_client import DigitClient
+from mnist_client.pb import digit_classifier_pb2 as pb
 from tests.conftest import ROOT, ServerProcess
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "mnist.json"
@@ -77,7 +78,9 @@ def prometheus(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) 
                 pass
             time.sleep(0.5)
         else:
-            pytest.fail("Prometheus never scraped the server:\n" + (folder / "prometheus.log").read_text())
+            pytest.fail(
+                "Prometheus never scraped the server:\n" + (folder / "prometheus.log").read_text()
+            )
         yield port
     finally:
         proc.terminate()
@@ -116,14 +119,8 @@ def test_every_dashboard_query_returns_data(
                 client.batch_predict(x[i % 500 : i % 500 + 64])
                 client.model_info()
                 if i % 10 == 0:  # some rejected calls, so the error panels have data
-                    try:
-                        client._stub.Predict(  # noqa: SLF001 - a deliberately bad request
-                            __import__("mnist_client").pb.digit_classifier_pb2.PredictRequest(
-                                image=b"short"
-                            )
-                        )
-                    except grpc.RpcError:
-                        pass
+                    with contextlib.suppress(grpc.RpcError):
+                        client._stub.Predict(pb.PredictRequest(image=b"short"))
                 i += 1
                 time.sleep(0.01)
 

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Build the image and run the compose stack for real, then check it from outside:
+# predictions through the SDK on real digits, the container's health check, and Prometheus
+# having scraped the server. Starts its own Docker engine (Debian's docker.io), builds the
+# base image with debootstrap (no registry is reachable here) and stand-ins for the python and
+# prometheus images. Grafana has no Debian package and is not started; its dashboard is
+# tested against a real Prometheus in tests/test_deploy.py. Bounded: about 5 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+ts() { echo "[$(date +%T)] compose test: $*"; }
+
+export DEBIAN_FRONTEND=noninteractive
+if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
+    ts "installing docker.io, docker-compose, debootstrap"
+    apt-get install -y -q --no-install-recommends docker.io containerd runc tini docker-compose \
+        iptables debootstrap >/tmp/mnist-apt-docker.log
+fi
+
+D=/var/tmp/mnist-docker
+mkdir -p $D
+export DOCKER_HOST=unix://$D/docker.sock DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
+dockerd --data-root $D/data --exec-root $D/exec --pidfile $D/dockerd.pid -H $DOCKER_HOST \
+    --bridge=none --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false \
+    >$D/dockerd.log 2>&1 &
+DOCKERD=$!
+C=(-p mnistci -f $D/compose.yml)
+cleanup() {
+    docker-compose "${C[@]}" logs --no-color >$D/compose-logs.txt 2>&1 || true
+    docker-compose "${C[@]}" down -v -t 10 >/dev/null 2>&1 || true
+    kill -TERM $DOCKERD 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 $DOCKERD 2>/dev/null || break; sleep 0.5; done
+    umount $D/exec/netns/default 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 1 60); do docker version >/dev/null 2>&1 && break; sleep 0.5; done
+docker version --format 'engine {{.Server.Version}}'
+
+if ! docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
+    ts "debootstrap base image"
+    R=/var/tmp/mnist-rootfs
+    MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    rm -rf $R
+    debootstrap --variant=minbase --include=ca-certificates bookworm $R "${MIRROR:-http://deb.debian.org/debian}" >$D/debootstrap.log 2>&1
+    rm -f $R/etc/apt/sources.list
+    cp /etc/apt/sources.list.d/debian.sources $R/etc/apt/sources.list.d/ 2>/dev/null || true
+    # the package registries' TLS is re-signed by a local CA here: the image must trust it too
+    cp /usr/local/share/ca-certificates/*.crt $R/usr/local/share/ca-certificates/ 2>/dev/null || true
+    chroot $R update-ca-certificates >/dev/null 2>&1
+    rm -rf $R/var/lib/apt/lists/* $R/var/cache/apt/*.bin $R/usr/share/doc/* $R/usr/share/man/*
+    tar -C $R -c . | docker import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
+        --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
+        --change 'CMD ["bash"]' - debian:bookworm-slim >/dev/null
+    rm -rf $R
+fi
+for d in deploy/ci/standins/*/; do
+    tag=$(head -1 "$d/image")
+    docker image inspect "$tag" >/dev/null 2>&1 || { ts "stand-in $tag"; docker build -q --network=host -t "$tag" "$d" >/dev/null; }
+done
+
+ts "compose config"
+export MNIST_DATA="${MNIST_DATA_DIR:-$ROOT/../shared/data/mnist}"
+docker-compose -f docker-compose.yml config >$D/merged.yml
+python3 deploy/ci/hostnet.py <$D/merged.yml >$D/compose.yml
+
+ts "build image"
+docker-compose "${C[@]}" build trainer >$D/build.log 2>&1 || { tail -40 $D/build.log; exit 1; }
+docker image ls mnist-serving:latest --format 'image {{.Repository}}:{{.Tag}} {{.Size}}'
+if docker run --rm --entrypoint sh mnist-serving:latest -c 'command -v gcc cc' ; then
+    echo "FAIL: build tools in the final image"; exit 1
+fi
+[ "$(docker run --rm --entrypoint id mnist-serving:latest -u)" != 0 ] || { echo "FAIL: runs as root"; exit 1; }
+
+ts "compose up (trainer, server, prometheus)"
+docker-compose "${C[@]}" up -d trainer server prometheus >$D/up.log 2>&1 || { cat $D/up.log; exit 1; }
+
+ts "waiting for the server container to be healthy"
+server=$(docker-compose "${C[@]}" ps -q server)
+for _ in $(seq 1 120); do
+    status=$(docker inspect -f '{{.State.Health.Status}}' "$server" 2>/dev/null || echo none)
+    [ "$status" = healthy ] && break
+    sleep 2
+done
+echo "server health: $status"
+[ "$status" = healthy ] || { docker-compose "${C[@]}" logs --no-color | tail -60; exit 1; }
+
+ts "calling the server in the container through the SDK"
+.venv/bin/python - "$MNIST_DATA" <<'PY'
+import sys
+from pathlib import Path
+from mnist_client import DigitClient
+from training.data import load_idx_dir
+data = load_idx_dir(Path(sys.argv[1]))
+with DigitClient("127.0.0.1:8500") as client:
+    info = client.model_info()
+    batch = client.batch_predict(data.x_test[:1000])
+    single = client.predict(data.x_test[0])
+accuracy = float((batch.digits == data.y_test[:1000]).mean())
+print(f"model v{info.model_version} {info.architecture} on {info.device}: "
+      f"accuracy on 1000 test digits {accuracy:.3f}, first digit {single.digit}")
+assert accuracy > 0.9 and single.digit == int(data.y_test[0])
+PY
+
+ts "checking that Prometheus scraped the server"
+ok=
+for i in $(seq 1 60); do
+    r=$(curl -fsS -G http://127.0.0.1:9090/api/v1/query \
+        --data-urlencode 'query=sum(mnist_requests_total{code="OK"}) and on() up{job="mnist-server"} == 1' 2>/dev/null || true)
+    case "$r" in *'"value"'*) ok=1; echo "prometheus sees the server's requests after ${i}s: $r"; break;; esac
+    sleep 1
+done
+[ -n "$ok" ] || { echo "FAIL: Prometheus has no mnist_requests_total"; exit 1; }
+echo "compose stack: 4 passed, 0 failed"

@@ -1,0 +1,44 @@
+"""The benchmark runs end to end (a seconds-long smoke; it asserts no timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def test_bench_smoke_produces_table_json_and_plot(
+    trained_model_dir: Path, mnist_dir: Path, tmp_path: Path
+) -> None:
+    if shutil.which("h2load") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("h2load is not installed (.ci/run installs nghttp2-client)")
+        pytest.skip("h2load not installed (apt-get install nghttp2-client)")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--model-dir", str(trained_model_dir),
+         "--data-dir", str(mnist_dir), "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ratios (medians, measured side by side)" in result.stdout
+    (json_path,) = tmp_path.glob("bench-*.json")
+    assert json_path.with_suffix(".png").stat().st_size > 1000
+    data = json.loads(json_path.read_text())
+    rows = {(r["target"], r["load"]) for r in data["table"]}
+    for target in ("echo-sync", "echo-aio", "naive", "batched"):
+        assert (target, "predict-c1") in rows and (target, "predict-c16") in rows
+    assert ("batched", "batch1024-c4") in rows
+    for row in data["table"]:
+        assert row["rps"] > 0 and row["errors"] == 0, row
+    assert set(data["in_process_images_per_s"]) == {"1", "32", "256", "1024"}
+    assert set(data["ratios"]) == {
+        "batched_vs_best_echo_c16", "batched_vs_naive_c16", "p50_c1_batched_over_naive",
+        "batch1024_vs_in_process_b1024",
+    }  # fmt: skip
