@@ -173,17 +173,10 @@ def _config(
     return _ChannelConfig(target, timeout, creds, metadata, _channel_options(options))
 
 
-class DigitClient:
-    """Blocking client. ``with DigitClient("localhost:8500") as c: c.predict(image)``.
+class _ClientBase:
+    """Channel set-up shared by both clients; ``_channels`` is ``grpc`` or ``grpc.aio``."""
 
-    Args:
-        target: ``host:port`` of the server.
-        timeout: default deadline of each call, in seconds; every method takes ``timeout=``.
-        root_certificates: PEM CA bundle to verify the server (enables TLS).
-        private_key, certificate_chain: PEM client key and certificate, for mutual TLS.
-        token: bearer token sent as ``authorization`` metadata when the server requires one.
-        options: extra gRPC channel options.
-    """
+    _channels: Any = grpc
 
     def __init__(
         self,
@@ -200,9 +193,11 @@ class DigitClient:
             target, timeout, root_certificates, private_key, certificate_chain, token, options
         )
         if self._cfg.credentials is not None:
-            self._channel = grpc.secure_channel(target, self._cfg.credentials, self._cfg.options)
+            self._channel = self._channels.secure_channel(
+                target, self._cfg.credentials, self._cfg.options
+            )
         else:
-            self._channel = grpc.insecure_channel(target, self._cfg.options)
+            self._channel = self._channels.insecure_channel(target, self._cfg.options)
         self._stub = pb_grpc.DigitClassifierStub(self._channel)
         self._health = self._channel.unary_unary(
             health_codec.CHECK_METHOD,
@@ -215,6 +210,21 @@ class DigitClient:
             "timeout": self._cfg.timeout if timeout is None else timeout,
             "metadata": self._cfg.metadata,
         }
+
+
+class DigitClient(_ClientBase):
+    """Blocking client. ``with DigitClient("localhost:8500") as c: c.predict(image)``.
+
+    Args:
+        target: ``host:port`` of the server.
+        timeout: default deadline of each call, in seconds; every method takes ``timeout=``.
+        root_certificates: PEM CA bundle to verify the server (enables TLS).
+        private_key, certificate_chain: PEM client key and certificate, for mutual TLS.
+        token: bearer token sent as ``authorization`` metadata when the server requires one.
+        options: extra gRPC channel options (they take precedence over the defaults).
+    """
+
+    _channels = grpc
 
     def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
         """Classify one image (array, 784 bytes, path or PIL image)."""
@@ -247,44 +257,13 @@ class DigitClient:
         self.close()
 
 
-class AsyncDigitClient:
+class AsyncDigitClient(_ClientBase):
     """The asyncio twin of :class:`DigitClient`: same arguments, awaitable methods.
 
     ``async with AsyncDigitClient("localhost:8500") as c: await c.predict(image)``
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        token: str | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self._cfg = _config(
-            target, timeout, root_certificates, private_key, certificate_chain, token, options
-        )
-        if self._cfg.credentials is not None:
-            self._channel = grpc.aio.secure_channel(
-                target, self._cfg.credentials, self._cfg.options
-            )
-        else:
-            self._channel = grpc.aio.insecure_channel(target, self._cfg.options)
-        self._stub = pb_grpc.DigitClassifierStub(self._channel)
-        self._health = self._channel.unary_unary(
-            health_codec.CHECK_METHOD,
-            request_serializer=health_codec.encode_request,
-            response_deserializer=health_codec.decode_response,
-        )
-
-    def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {
-            "timeout": self._cfg.timeout if timeout is None else timeout,
-            "metadata": self._cfg.metadata,
-        }
+    _channels = grpc.aio
 
     async def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
         """Classify one image (array, 784 bytes, path or PIL image)."""
