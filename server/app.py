@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from server.batcher import DynamicBatcher
 from server.manager import ModelManager
 from server.metrics import ServerMetrics
-from server.model import pick_device
+from server.model import configure_threads, pick_device
 from server.rpc import SERVICE_NAME, digit_classifier_handler
 from server.servicer import DigitClassifierServicer
 from server.settings import Settings
@@ -39,6 +39,7 @@ class ModelServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
+        self.model_threads = configure_threads(settings.model_threads)
         self.device = pick_device()
         self.manager = ModelManager(
             settings.model_dir, self.device, self.metrics, settings.model_version
@@ -118,7 +119,7 @@ class ModelServer:
         if s.model_version is None or self.manager.current is None:
             self._watcher = loop.create_task(self._watch(), name="model-watcher")
         log.info(
-            "serving %s on %s:%d (%s), metrics on %s:%d, device %s",
+            "serving %s on %s:%d (%s), metrics on %s:%d, device %s, %d model threads",
             SERVICE_NAME,
             s.host,
             self.port,
@@ -126,6 +127,7 @@ class ModelServer:
             s.metrics_host,
             self.metrics_port,
             self.device,
+            self.model_threads,
         )
 
     async def _set_health(self, status: int) -> None:

@@ -105,6 +105,8 @@ class DynamicBatcher:
         self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._worker: asyncio.Task[None] | None = None
+        # read at scrape time: no per-request cost on the hot path
+        self._metrics.queue_images.set_function(lambda: self._queued_images)
 
     @property
     def queued_images(self) -> int:
@@ -153,7 +155,6 @@ class DynamicBatcher:
 
     def _set_queued(self, n: int) -> None:
         self._queued_images = n
-        self._metrics.queue_images.set(n)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -236,10 +237,11 @@ class DynamicBatcher:
             return
         self._metrics.batch_size.observe(len(images))
         self._metrics.compute_seconds.labels(self._device).observe(seconds)
+        versions = np.full(len(images), version, np.int64)
         offset = 0
         for s in batch:
             n = s.stop - s.start
-            self._deliver(s, probs[offset : offset + n], version)
+            self._deliver(s, probs[offset : offset + n], versions[offset : offset + n])
             offset += n
 
     def _call_model(self, images: np.ndarray) -> tuple[np.ndarray, int, float]:
@@ -256,11 +258,10 @@ class DynamicBatcher:
         if not req.future.done():
             req.future.set_exception(error)
 
-    def _deliver(self, s: _Slice, probs: np.ndarray, version: int) -> None:
+    def _deliver(self, s: _Slice, probs: np.ndarray, versions: np.ndarray) -> None:
         req = s.request
         if req.future.done():  # cancelled while computing: nothing to deliver
             return
-        versions = np.full(len(probs), version, np.int64)
         if s.start == 0 and s.stop == len(req.images):
             req.future.set_result((probs, versions))
             return

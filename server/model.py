@@ -42,6 +42,23 @@ def list_versions(model_dir: Path) -> list[int]:
     return sorted(versions)
 
 
+def configure_threads(threads: int) -> int:
+    """Size TensorFlow's thread pools; must run before TensorFlow executes anything.
+
+    ``0`` means all cores but one, which is left to the gRPC event loop: TF's pool threads
+    spin while they wait for work, and on a small machine they take the core the loop needs
+    (measured on 2 cores: one TF thread served 20% more Predict calls per second than two).
+    """
+    import os
+
+    import tensorflow as tf
+
+    n = threads or max(1, (os.cpu_count() or 2) - 1)
+    tf.config.threading.set_intra_op_parallelism_threads(n)
+    tf.config.threading.set_inter_op_parallelism_threads(n)
+    return n
+
+
 def pick_device() -> str:
     """The device batches run on: the first GPU TensorFlow sees, else the CPU."""
     import tensorflow as tf

@@ -68,7 +68,8 @@ class _Method:
         self.count_images = count_images
         self.metrics = metrics
         self.auth_token = auth_token
-        self.inflight = metrics.inflight.labels(name)
+        self.active = 0  # RPCs of this method being handled; the gauge reads it at scrape time
+        metrics.inflight.labels(name).set_function(lambda: self.active)
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         assert self.auth_token is not None
@@ -84,7 +85,7 @@ class _Method:
         started = time.perf_counter()
         code = "OK"
         images = 0
-        self.inflight.inc()
+        self.active += 1
         try:
             if self.auth_token is not None:
                 self._authenticate(context)
@@ -102,7 +103,7 @@ class _Method:
             log.exception("unexpected error in %s", self.name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
         finally:
-            self.inflight.dec()
+            self.active -= 1
             self.metrics.observe_rpc(self.name, code, images, time.perf_counter() - started)
         raise AssertionError("unreachable: context.abort raises")
 

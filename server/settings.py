@@ -26,6 +26,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9100
     model_version: int | None = None
+    model_threads: int = 0
     max_batch_size: int = 256
     batch_timeout_ms: float = 0.0
     max_queue_images: int = 8192
@@ -43,6 +44,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.model_threads < 0:
+            problems.append("--model-threads must be >= 0")
         if self.max_batch_size < 1:
             problems.append("--max-batch-size must be >= 1")
         if self.batch_timeout_ms < 0:
@@ -70,6 +73,8 @@ _HELP = {
     "metrics_host": "address the Prometheus metrics port binds to",
     "metrics_port": "Prometheus metrics port (0 = pick a free one)",
     "model_version": "serve exactly this version and do not follow new ones (default: highest)",
+    "model_threads": "TensorFlow threads per op (0 = auto: all cores but one for the event "
+    "loop, at least 1)",
     "max_batch_size": "most images in one model call (1 = no batching)",
     "batch_timeout_ms": "extra wait to fill a batch once the model is free (0 = never wait)",
     "max_queue_images": "images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED",
