@@ -179,12 +179,34 @@ def h2load(
     return n, secs, latencies
 
 
+def settle(running: Running, timeout: float = 60.0) -> None:
+    """Wait until the server has nothing queued or in flight (h2load's cancelled leftovers)."""
+    if not running.metrics_port:
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5
+        ) as resp:
+            text = resp.read().decode()
+        busy = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(("mnist_queue_images ", "mnist_inflight_requests{"))
+        )
+        if busy == 0:
+            return
+        time.sleep(0.2)
+
+
 def run_one(running: Running, load: Load, payloads: dict[str, Path], seconds: float,
             warmup: float, repeat: int, workdir: Path) -> Sample:  # fmt: skip
     before = scrape(running.metrics_port) if running.metrics_port else None
     cpu0, t0 = cpu_seconds(running.proc.pid), time.perf_counter()
     n, secs, lat = h2load(running.port, load, payloads[load.payload], seconds, warmup, workdir)
     cpu = (cpu_seconds(running.proc.pid) - cpu0) / (time.perf_counter() - t0)
+    settle(running)  # the next run starts on a quiet machine
     errors, mean_batch = 0, None
     if before is not None and running.metrics_port:
         after = scrape(running.metrics_port)
