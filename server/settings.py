@@ -73,8 +73,7 @@ _HELP = {
     "metrics_host": "address the Prometheus metrics port binds to",
     "metrics_port": "Prometheus metrics port (0 = pick a free one)",
     "model_version": "serve exactly this version and do not follow new ones (default: highest)",
-    "model_threads": "TensorFlow threads per op (0 = auto: all cores but one for the event "
-    "loop, at least 1)",
+    "model_threads": "TensorFlow threads per op (0 = TensorFlow's default, one per core)",
     "max_batch_size": "most images in one model call (1 = no batching)",
     "batch_timeout_ms": "extra wait to fill a batch once the model is free (0 = never wait)",
     "max_queue_images": "images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED",
