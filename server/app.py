@@ -210,7 +210,11 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except (OSError, ValueError, RuntimeError) as err:  # unreadable TLS/token file, port taken
+        log.error("cannot start: %s", err)
+        return 2
     await stop.wait()
     await server.stop()
     return 0
