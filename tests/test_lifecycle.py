@@ -162,7 +162,7 @@ def test_sigterm_under_load_answers_every_accepted_request(
     trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     srv = start_server(
-        trained_model_dir, tmp_path / "server.log", "--pre-stop-seconds", "0.5",
+        trained_model_dir, tmp_path / "server.log", "--pre-stop-seconds", "2",
         "--grace-seconds", "10",
     )  # fmt: skip
     with Traffic(srv.target, mnist_test[0][:200], concurrency=16) as traffic:
