@@ -135,13 +135,13 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         request = _Request(images, deadline, loop.time(), loop.create_future())
         self._queue.append(request)
-        self._set_queued(self._queued_images + n)
+        self._queued_images += n
         self._wakeup.set()
         try:
             return await request.future
         except asyncio.CancelledError:
             if request.waiting_images:  # still (partly) queued: release its place now
-                self._set_queued(self._queued_images - request.waiting_images)
+                self._queued_images -= request.waiting_images
                 request.next_image = len(request.images)
             raise
 
@@ -152,9 +152,6 @@ class DynamicBatcher:
         if self._worker is not None:
             await self._worker
         self._executor.shutdown(wait=True)
-
-    def _set_queued(self, n: int) -> None:
-        self._queued_images = n
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -199,7 +196,7 @@ class DynamicBatcher:
                 continue
             if req.deadline is not None and req.deadline <= now:
                 self._queue.popleft()
-                self._set_queued(self._queued_images - req.waiting_images)
+                self._queued_images -= req.waiting_images
                 req.next_image = len(req.images)
                 req.future.set_exception(
                     DeadlineExceeded("deadline passed while queued; the model was not run")
@@ -214,7 +211,7 @@ class DynamicBatcher:
             room -= take
             if req.waiting_images == 0:
                 self._queue.popleft()
-        self._set_queued(self._queued_images - (self.max_batch_size - room))
+        self._queued_images -= self.max_batch_size - room
         return batch
 
     async def _compute(self, batch: list[_Slice], loop: asyncio.AbstractEventLoop) -> None:
@@ -253,7 +250,7 @@ class DynamicBatcher:
 
     def _fail(self, req: _Request, error: Exception) -> None:
         if req.waiting_images:  # the rest of a split request will not run either
-            self._set_queued(self._queued_images - req.waiting_images)
+            self._queued_images -= req.waiting_images
             req.next_image = len(req.images)
         if not req.future.done():
             req.future.set_exception(error)

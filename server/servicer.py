@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 
 import grpc.aio
 import numpy as np
@@ -31,7 +32,7 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.frombuffer(data, np.uint8).reshape(1, *INPUT_SHAPE)
 
 
-def decode_images(images: list[bytes], max_images: int) -> np.ndarray:
+def decode_images(images: Sequence[bytes], max_images: int) -> np.ndarray:
     """Many 784-byte images as one uint8 ``[N, 28, 28]`` array; errors name the bad index."""
     n = len(images)
     if n == 0:
@@ -76,7 +77,7 @@ class DigitClassifierServicer:
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchPredictResponse:
-        images = decode_images(list(request.images), self._settings.max_images_per_request)
+        images = decode_images(request.images, self._settings.max_images_per_request)
         probs, versions = await self._batcher.submit(images, _deadline(context))
         return pb.BatchPredictResponse(
             digits=probs.argmax(axis=1).tolist(),
