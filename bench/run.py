@@ -136,7 +136,8 @@ def scrape(port: int) -> dict[str, float]:
     """The few counters the benchmark needs from our server's metrics page."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    out = {"ok": 0.0, "err": 0.0, "cancelled": 0.0, "batches": 0.0, "batched_images": 0.0}
+    out = {"ok": 0.0, "err": 0.0, "cancelled": 0.0, "batches": 0.0, "batched_images": 0.0,
+           "busy": 0.0}  # fmt: skip
     for line in text.splitlines():
         if line.startswith("mnist_requests_total{"):
             # h2load cancels the requests in flight when its time is up: not server errors
@@ -146,6 +147,8 @@ def scrape(port: int) -> dict[str, float]:
             out["batches"] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("mnist_batch_size_images_sum "):
             out["batched_images"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("mnist_queue_images ", "mnist_inflight_requests{")):
+            out["busy"] += float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -185,18 +188,7 @@ def settle(running: Running, timeout: float = 60.0) -> None:
         time.sleep(0.5)
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5
-        ) as resp:
-            text = resp.read().decode()
-        busy = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(("mnist_queue_images ", "mnist_inflight_requests{"))
-        )
-        if busy == 0:
-            return
+    while time.monotonic() < deadline and scrape(running.metrics_port)["busy"]:
         time.sleep(0.2)
 
 

@@ -79,6 +79,7 @@ class LoadedModel:
     metadata: dict[str, Any]
     _fn: Any = field(repr=False)
     _output_key: str = field(repr=False)
+    _module: Any = field(repr=False)  # the loaded SavedModel: keeps _fn's variables alive
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -124,8 +125,7 @@ def load_version(model_dir: Path, version: int, device: str) -> LoadedModel:
     except Exception as err:  # TF raises many types for a broken SavedModel
         raise ModelLoadError(f"version {version}: cannot load ({type(err).__name__})") from err
     output_key = _check_signature(version, fn)
-    model = LoadedModel(version, path, device, metadata, fn, output_key)
-    model._loaded = loaded  # type: ignore[attr-defined]  # keep variables alive with the fn
+    model = LoadedModel(version, path, device, metadata, fn, output_key, loaded)
     _check_outputs(model)
     log.info(
         "loaded model version %d (%s) on %s in %.2fs",

@@ -110,3 +110,10 @@ def test_strategies_this_machine_can_run(
     result = train(TrainConfig("mlp", tmp_path, epochs=1, strategy=strategy, verbose=0), data)
     assert result.version == 1 and result.metadata["strategy"] == strategy
     assert result.metadata["replicas"] == 1 and result.test_accuracy > 0.5
+
+
+def test_cli_choices_match_the_pipeline() -> None:
+    from training import cli, models, pipeline
+
+    assert set(cli.ARCHS) == set(models.ARCHITECTURES)
+    assert cli.STRATEGIES == pipeline.STRATEGIES

@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+# Spelled out here so that --help and bad-flag errors need no TensorFlow import; a test checks
+# they match training.models.ARCHITECTURES and training.pipeline.STRATEGIES.
 ARCHS = ("cnn", "mlp", "mlp50")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 

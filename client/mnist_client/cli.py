@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _predict(client, args.files)
             if args.command == "info":
                 info = client.model_info()
-                print(json.dumps({k: v for k, v in info.__dict__.items()}, indent=2, default=str))
+                print(json.dumps(vars(info), indent=2, default=str))
                 return 0
             status = client.health(args.service)
             print(status)
