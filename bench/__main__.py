@@ -37,11 +37,12 @@ def _print_table(result: dict[str, Any], ratios: dict[str, float]) -> None:
         print(f"{r['target']:13s} {r['load']:14s} {r['rps']:9.0f} {r['images_per_s']:10.0f} "
               f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:6d} "
               f"{batch:>6s} {r['server_cpu_cores']:5.2f}")  # fmt: skip
-    in_proc = result["in_process_images_per_s"]
-    print(
-        "\nin-process SavedModel images/s: "
-        + ", ".join(f"batch {k}: {v:,.0f}" for k, v in in_proc.items())
-    )
+    print()
+    for runtime, in_proc in result["in_process_images_per_s"].items():
+        print(
+            f"in-process {runtime:10s} images/s: "
+            + ", ".join(f"batch {k}: {v:,.0f}" for k, v in in_proc.items())
+        )
     print("\nratios (medians, measured side by side):")
     for name, value in ratios.items():
         print(f"  {name:34s} {value:6.2f}")

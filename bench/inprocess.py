@@ -1,6 +1,6 @@
-"""The in-process ceiling: images/s of the SavedModel called directly, no gRPC, no batcher.
+"""The in-process ceiling: images/s of the model called directly, no gRPC, no batcher.
 
-    python -m bench.inprocess --model-dir models --batches 1,32,256,1024 --seconds 2
+    python -m bench.inprocess --model-dir models --runtime litert --batches 1,32,256,1024
 prints one JSON object: {"1": images_per_s, "32": ..., ...}.
 """
 
@@ -12,16 +12,20 @@ import os
 import time
 from pathlib import Path
 
+from server.model import RUNTIMES
 
-def measure(model_dir: Path, batches: list[int], seconds: float) -> dict[str, float]:
-    """Images/s of ``serving_default`` at each batch size, after a warm-up call."""
+
+def measure(
+    model_dir: Path, batches: list[int], seconds: float, runtime: str
+) -> dict[str, float]:
+    """Images/s of the newest version on ``runtime`` at each batch size, after a warm-up call."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
     from server.model import list_versions, load_version, pick_device
 
     version = list_versions(model_dir)[-1]
-    model = load_version(model_dir, version, pick_device())
+    model = load_version(model_dir, version, pick_device(runtime), runtime)
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
     for n in batches:
@@ -40,9 +44,10 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--batches", default="1,32,256,1024")
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    print(json.dumps(measure(args.model_dir, batches, args.seconds)))
+    print(json.dumps(measure(args.model_dir, batches, args.seconds, args.runtime)))
     return 0
 
 

@@ -40,9 +40,14 @@ class ModelServer:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.model_threads = configure_threads(settings.model_threads)
-        self.device = pick_device()
+        self.device = pick_device(settings.runtime)
         self.manager = ModelManager(
-            settings.model_dir, self.device, self.metrics, settings.model_version
+            settings.model_dir,
+            self.device,
+            self.metrics,
+            pinned_version=settings.model_version,
+            runtime=settings.runtime,
+            threads=self.model_threads,
         )
         self.batcher = DynamicBatcher(
             self.manager.predict,
@@ -119,7 +124,7 @@ class ModelServer:
         if s.model_version is None or self.manager.current is None:
             self._watcher = loop.create_task(self._watch(), name="model-watcher")
         log.info(
-            "serving %s on %s:%d (%s), metrics on %s:%d, device %s, %d model threads",
+            "serving %s on %s:%d (%s), metrics on %s:%d, device %s, runtime %s, %d model threads",
             SERVICE_NAME,
             s.host,
             self.port,
@@ -127,6 +132,7 @@ class ModelServer:
             s.metrics_host,
             self.metrics_port,
             self.device,
+            s.runtime,
             self.model_threads,
         )
 

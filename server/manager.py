@@ -39,10 +39,14 @@ class ModelManager:
         device: str,
         metrics: ServerMetrics,
         pinned_version: int | None = None,
+        runtime: str = "auto",
+        threads: int = 0,
     ) -> None:
         self.model_dir = model_dir
         self.device = device
         self.pinned_version = pinned_version
+        self.runtime = runtime
+        self.threads = threads
         self._metrics = metrics
         self._current: LoadedModel | None = None
         self._failures: dict[int, LoadFailure] = {}
@@ -78,14 +82,16 @@ class ModelManager:
                 if self.pinned_version is None and current is not None and wanted < current:
                     return False
                 try:
-                    model = load_version(self.model_dir, wanted, self.device)
+                    model = load_version(
+                        self.model_dir, wanted, self.device, self.runtime, self.threads
+                    )
                 except ModelLoadError as err:
                     self._record_failure(wanted, str(err))
                     continue  # the failure is remembered: the next pass tries another
                 self._current = model  # the swap: one reference, read once per batch
                 self._failures.pop(wanted, None)
                 self._metrics.model_loads.labels("ok").inc()
-                self._metrics.set_model(model.version, model.architecture, model.device)
+                self._metrics.set_model(model)
                 if current is not None:
                     log.info("now serving version %d (was %d)", model.version, current)
                 return True

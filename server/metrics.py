@@ -6,9 +6,12 @@ overload queues both resolve; batch-size buckets are powers of two up to 4096 im
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+if TYPE_CHECKING:
+    from server.model import LoadedModel
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
@@ -67,7 +70,7 @@ class ServerMetrics:
             "mnist_inflight_requests", "RPCs being handled now.", ["method"], registry=r
         )
         self.model = Info(
-            "mnist_model", "The model version being served and where it runs.", registry=r
+            "mnist_model", "The model version being served, where and on which runtime it runs.", registry=r
         )
         self.model_version = Gauge(
             "mnist_model_version", "The model version being served.", registry=r
@@ -114,7 +117,10 @@ class ServerMetrics:
         """RPCs being handled now, over all methods."""
         return int(sum(s.value for m in self.inflight.collect() for s in m.samples))
 
-    def set_model(self, version: int, architecture: str, device: str) -> None:
+    def set_model(self, model: LoadedModel) -> None:
         """Record which version is served, after a load or a swap."""
-        self.model.info({"version": str(version), "architecture": architecture, "device": device})
-        self.model_version.set(version)
+        self.model.info({
+            "version": str(model.version), "architecture": model.architecture,
+            "device": model.device, "runtime": model.runtime,
+        })  # fmt: skip
+        self.model_version.set(model.version)

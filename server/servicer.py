@@ -6,8 +6,8 @@ converts the answer back; status mapping, metrics and auth live in :mod:`server.
 
 from __future__ import annotations
 
-import asyncio
 import json
+import time
 from collections.abc import Sequence
 
 import grpc.aio
@@ -53,7 +53,7 @@ def decode_images(images: Sequence[bytes], max_images: int) -> np.ndarray:
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class DigitClassifierServicer:
@@ -100,6 +100,7 @@ class DigitClassifierServicer:
             input=pb.TensorSpec(name="images", dtype="uint8", shape=[-1, *INPUT_SHAPE]),
             output=pb.TensorSpec(name="probabilities", dtype="float32", shape=[-1, 10]),
             device=model.device,
+            runtime=model.runtime,
             batching=pb.BatchingConfig(
                 max_batch_size=s.max_batch_size,
                 batch_timeout_ms=s.batch_timeout_ms,

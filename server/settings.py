@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from server.model import RUNTIMES
+
 ENV_PREFIX = "MNIST_"
 
 
@@ -27,6 +29,7 @@ class Settings:
     metrics_port: int = 9100
     model_version: int | None = None
     model_threads: int = 0
+    runtime: str = "auto"
     max_batch_size: int = 256
     batch_timeout_ms: float = 0.0
     max_queue_images: int = 8192
@@ -46,6 +49,8 @@ class Settings:
         problems = []
         if self.model_threads < 0:
             problems.append("--model-threads must be >= 0")
+        if self.runtime not in RUNTIMES:
+            problems.append(f"--runtime must be one of {', '.join(RUNTIMES)}")
         if self.max_batch_size < 1:
             problems.append("--max-batch-size must be >= 1")
         if self.batch_timeout_ms < 0:
@@ -73,7 +78,9 @@ _HELP = {
     "metrics_host": "address the Prometheus metrics port binds to",
     "metrics_port": "Prometheus metrics port (0 = pick a free one)",
     "model_version": "serve exactly this version and do not follow new ones (default: highest)",
-    "model_threads": "TensorFlow threads per op (0 = TensorFlow's default, one per core)",
+    "model_threads": "threads per model call (0 = one per core)",
+    "runtime": "litert (SavedModel compiled for XNNPACK, CPU), tensorflow, or auto "
+    "(litert on a CPU, tensorflow on a GPU)",
     "max_batch_size": "most images in one model call (1 = no batching)",
     "batch_timeout_ms": "extra wait to fill a batch once the model is free (0 = never wait)",
     "max_queue_images": "images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED",

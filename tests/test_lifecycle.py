@@ -124,10 +124,14 @@ def test_pinned_version_does_not_follow(trained_model_dir: Path, tmp_path: Path)
     model_dir.mkdir()
     _publish(trained_model_dir / "1", model_dir, 1)
     _publish(trained_model_dir / "1", model_dir, 2)
-    srv = start_server(model_dir, tmp_path / "server.log", "--model-version", "1")
+    srv = start_server(
+        model_dir, tmp_path / "server.log", "--model-version", "1", "--runtime", "tensorflow"
+    )
     try:
         with DigitClient(srv.target) as client:
-            assert client.model_info().model_version == 1
+            info = client.model_info()
+            assert (info.model_version, info.runtime) == (1, "tensorflow")
+            assert client.predict(np.zeros((28, 28), np.uint8)).model_version == 1
             _publish(trained_model_dir / "1", model_dir, 3)
             time.sleep(1.5)  # three poll periods
             assert client.model_info().model_version == 1

@@ -158,6 +158,7 @@ def test_health_and_model_info(server: ServerProcess) -> None:
     assert 0.8 < info.test_accuracy <= 1.0
     assert info.input_shape == (-1, 28, 28) and info.input_dtype == "uint8"
     assert "CPU" in info.device
+    assert info.runtime == "litert"  # runtime auto on a CPU
     assert info.batching["max_batch_size"] == 256
     assert info.metadata["version"] == 1
 
@@ -190,7 +191,7 @@ def test_metrics_page_has_every_metric(server: ServerProcess) -> None:
         "mnist_batch_size_images_bucket",
         "mnist_queue_images",
         "mnist_inflight_requests",
-        'mnist_model_info{architecture="mlp",device="/device:CPU:0",version="1"} 1.0',
+        'mnist_model_info{architecture="mlp",device="/device:CPU:0",runtime="litert",version="1"}',
         "mnist_model_version 1.0",
         "mnist_serving 1.0",
     ):

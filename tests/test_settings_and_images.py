@@ -44,6 +44,7 @@ def test_every_field_has_a_flag_and_a_variable() -> None:
         (["--model-dir", "m", "--tls-cert", "c"], {}, "--tls-cert and --tls-key go together"),
         (["--model-dir", "m"], {"MNIST_PORT": "http"}, "MNIST_PORT='http' is not a valid int"),
         (["--model-dir", "m", "--max-queue-images", "10"], {}, "--max-queue-images must be >="),
+        (["--model-dir", "m"], {"MNIST_RUNTIME": "onnx"}, "--runtime must be one of auto, litert"),
     ],
 )
 def test_bad_settings_exit_with_a_message(

@@ -87,6 +87,7 @@ class ModelInfo:
     loaded_at: str = ""
     last_failed_version: int = 0
     last_failure: str = ""
+    runtime: str = ""  # "litert" or "tensorflow"; empty from servers older than the field
 
 
 def _predict_request(image: Any) -> pb.PredictRequest:
@@ -115,6 +116,7 @@ def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
         architecture=resp.architecture,
         test_accuracy=resp.test_accuracy,
         device=resp.device,
+        runtime=resp.runtime,
         input_shape=tuple(resp.input.shape),
         input_dtype=resp.input.dtype,
         batching={

@@ -98,7 +98,7 @@ with DigitClient("127.0.0.1:8500") as client:
     batch = client.batch_predict(data.x_test[:1000])
     single = client.predict(data.x_test[0])
 accuracy = float((batch.digits == data.y_test[:1000]).mean())
-print(f"model v{info.model_version} {info.architecture} on {info.device}: "
+print(f"model v{info.model_version} {info.architecture} on {info.device} ({info.runtime}): "
       f"accuracy on 1000 test digits {accuracy:.3f}, first digit {single.digit}")
 assert accuracy > 0.9 and single.digit == int(data.y_test[0])
 PY

@@ -66,7 +66,7 @@ class BatchingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., batch_timeout_ms: _Optional[float] = ..., max_queue_images: _Optional[int] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_version", "architecture", "test_accuracy", "input", "output", "device", "batching", "metadata_json", "loaded_at", "last_failed_version", "last_failure")
+    __slots__ = ("model_version", "architecture", "test_accuracy", "input", "output", "device", "batching", "metadata_json", "loaded_at", "last_failed_version", "last_failure", "runtime")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class GetModelInfoResponse(_message.Message):
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_FAILED_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     architecture: str
     test_accuracy: float
@@ -89,4 +90,5 @@ class GetModelInfoResponse(_message.Message):
     loaded_at: str
     last_failed_version: int
     last_failure: str
-    def __init__(self, model_version: _Optional[int] = ..., architecture: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., metadata_json: _Optional[str] = ..., loaded_at: _Optional[str] = ..., last_failed_version: _Optional[int] = ..., last_failure: _Optional[str] = ...) -> None: ...
+    runtime: str
+    def __init__(self, model_version: _Optional[int] = ..., architecture: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., metadata_json: _Optional[str] = ..., loaded_at: _Optional[str] = ..., last_failed_version: _Optional[int] = ..., last_failure: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
