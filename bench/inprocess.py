@@ -15,9 +15,7 @@ from pathlib import Path
 from server.model import RUNTIMES
 
 
-def measure(
-    model_dir: Path, batches: list[int], seconds: float, runtime: str
-) -> dict[str, float]:
+def measure(model_dir: Path, batches: list[int], seconds: float, runtime: str) -> dict[str, float]:
     """Images/s of the newest version on ``runtime`` at each batch size, after a warm-up call."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np

@@ -358,6 +358,8 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         / get("naive-litert", f"predict-c{c}", "rps"),
         "p50_c1_batched_over_naive": get("batched", "predict-c1", "p50_ms")
         / get("naive", "predict-c1", "p50_ms"),
+        "p50_c1_batched_over_naive_litert": get("batched", "predict-c1", "p50_ms")
+        / get("naive-litert", "predict-c1", "p50_ms"),
         "batch1024_vs_in_process_b1024": get("batched", "batch1024-c4", "images_per_s")
         / in_proc.get("1024", float("nan")),
     }

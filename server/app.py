@@ -22,7 +22,7 @@ from server.batcher import DynamicBatcher
 from server.manager import ModelManager
 from server.metrics import ServerMetrics
 from server.model import configure_threads, pick_device
-from server.rpc import SERVICE_NAME, digit_classifier_handler
+from server.rpc import SERVICE_NAME, add_digit_classifier
 from server.servicer import DigitClassifierServicer
 from server.settings import Settings
 
@@ -101,9 +101,7 @@ class ModelServer:
             ],
         )
         servicer = DigitClassifierServicer(self.batcher, self.manager, s)
-        self._grpc.add_generic_rpc_handlers(
-            [digit_classifier_handler(servicer, self.metrics, self._auth_token())]
-        )
+        add_digit_classifier(self._grpc, servicer, self.metrics, self._auth_token())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc

@@ -228,28 +228,29 @@ class DynamicBatcher:
         return batch, expired
 
     def _compute(self, batch: list[_Slice]) -> None:
-        parts = [s.request.images[s.start : s.stop] for s in batch]
-        images = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        n = sum(s.stop - s.start for s in batch)
         started = time.perf_counter()
         try:
+            parts = [s.request.images[s.start : s.stop] for s in batch]
+            images = parts[0] if len(parts) == 1 else np.concatenate(parts)
             probs, version = self._model_fn(images)
-            if probs.shape != (len(images), 10):
-                raise ValueError(f"model returned shape {probs.shape} for {len(images)} images")
+            if probs.shape != (n, 10):
+                raise ValueError(f"model returned shape {probs.shape} for {n} images")
         except Exception as err:
             if isinstance(err, ServiceError):  # e.g. Unavailable: no model loaded yet
                 error: ServiceError = err
             else:
-                log.error("model call on %d images failed", len(images), exc_info=err)
+                log.error("model call on %d images failed", n, exc_info=err)
                 self._metrics.batch_failures.inc()
-                error = ModelFailed(f"model failed on a batch of {len(images)} images")
+                error = ModelFailed(f"model failed on a batch of {n} images")
             with self._lock:  # the rest of a split request will not run either
                 for s in batch:
                     self._release(s.request)
             self._post(self._fail_all, [s.request for s in batch], error)
             return
         self._compute_seconds.observe(time.perf_counter() - started)
-        self._metrics.batch_size.observe(len(images))
-        self._post(self._deliver, batch, probs, np.full(len(images), version, np.int64))
+        self._metrics.batch_size.observe(n)
+        self._post(self._deliver, batch, probs, np.full(n, version, np.int64))
 
     def _release(self, req: _Request) -> None:
         """Take a request's images that are still queued out of the count. Under the lock."""

@@ -70,7 +70,9 @@ class ServerMetrics:
             "mnist_inflight_requests", "RPCs being handled now.", ["method"], registry=r
         )
         self.model = Info(
-            "mnist_model", "The model version being served, where and on which runtime it runs.", registry=r
+            "mnist_model",
+            "The model version being served, where and on which runtime it runs.",
+            registry=r,
         )
         self.model_version = Gauge(
             "mnist_model_version", "The model version being served.", registry=r

@@ -196,7 +196,7 @@ def load_version(
             )  # fmt: skip
             if runtime == "litert":
                 raise ModelLoadError(f"version {version}: LiteRT: {reason}") from err
-            log.warning("version %d: LiteRT unusable (%s); serving it on TensorFlow", version, reason)
+            log.warning("version %d on TensorFlow: LiteRT unusable (%s)", version, reason)
     _check_outputs(model)
     log.info(
         "loaded model version %d (%s) on %s with %s in %.2fs",

@@ -112,10 +112,18 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def digit_classifier_handler(
-    servicer: DigitClassifierServicer, metrics: ServerMetrics, auth_token: bytes | None
-) -> grpc.GenericRpcHandler:
-    """The ``mnist.v1.DigitClassifier`` service as a gRPC handler, ready to add to a server."""
+def add_digit_classifier(
+    server: grpc.aio.Server,
+    servicer: DigitClassifierServicer,
+    metrics: ServerMetrics,
+    auth_token: bytes | None,
+) -> None:
+    """Add the ``mnist.v1.DigitClassifier`` service to ``server`` (before it starts).
+
+    The methods are registered with the C core, as generated code does: a registered method
+    is matched there, not by a Python lookup over every generic handler on each call
+    (one interleaved A/B at 64 concurrent calls: +10% Predict calls/s).
+    """
     methods = [
         _Method("Predict", pb.PredictRequest, servicer.Predict, lambda r: 1, metrics, auth_token),
         _Method(
@@ -139,4 +147,4 @@ def digit_classifier_handler(
         m.name: grpc.unary_unary_rpc_method_handler(m.handle, response_serializer=_serialize)
         for m in methods
     }
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]

@@ -184,8 +184,9 @@ async def test_expired_request_is_dropped_before_compute() -> None:
     batcher = await started(model, max_batch_size=8)
     blocker = asyncio.create_task(batcher.submit(images(0)))
     await model.wait_entered()
-    expiring = asyncio.create_task(batcher.submit(images(1, 1, 1), deadline=time.monotonic() + 0.05))
-    alive = asyncio.create_task(batcher.submit(images(2), deadline=time.monotonic() + 30))
+    now = time.monotonic()
+    expiring = asyncio.create_task(batcher.submit(images(1, 1, 1), deadline=now + 0.05))
+    alive = asyncio.create_task(batcher.submit(images(2), deadline=now + 30))
     await asyncio.sleep(0.1)
     model.gate.set()
     await blocker

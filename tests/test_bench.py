@@ -32,15 +32,19 @@ def test_bench_smoke_produces_table_json_and_plot(
     assert json_path.with_suffix(".png").stat().st_size > 1000
     data = json.loads(json_path.read_text())
     rows = {(r["target"], r["load"]) for r in data["table"]}
-    for target in ("echo-sync", "echo-aio", "naive", "batched"):
+    for target in ("echo-sync", "echo-aio", "naive", "naive-litert", "batched"):
         assert (target, "predict-c1") in rows and (target, "predict-c16") in rows
     assert ("batched", "batch1024-c4") in rows
     for row in data["table"]:
         assert row["errors"] == 0, row
         # (naive mode may finish no 1,024-image request within a 1-second smoke run)
-        assert row["rps"] > 0 or row["target"] == "naive", row
-    assert set(data["in_process_images_per_s"]) == {"1", "32", "256", "1024"}
+        assert row["rps"] > 0 or row["target"].startswith("naive"), row
+    in_process = data["in_process_images_per_s"]
+    assert set(in_process) == {"litert", "tensorflow"}
+    for figures in in_process.values():
+        assert set(figures) == {"1", "32", "256", "1024"} and min(figures.values()) > 0
     assert set(data["ratios"]) == {
-        "batched_vs_best_echo_c16", "batched_vs_naive_c16", "p50_c1_batched_over_naive",
+        "batched_vs_best_echo_c16", "batched_vs_naive_c16", "batched_vs_naive_litert_c16",
+        "p50_c1_batched_over_naive", "p50_c1_batched_over_naive_litert",
         "batch1024_vs_in_process_b1024",
     }  # fmt: skip
