@@ -172,6 +172,7 @@ def load_version(
     started = time.perf_counter()
     try:
         metadata = _read_metadata(path)
+        probes = _Probes.for_version(path)  # an unreadable golden.npz fails the version here
         with tf.device(device):
             loaded = tf.saved_model.load(str(path))
         fn = loaded.signatures[SIGNATURE]
@@ -187,7 +188,7 @@ def load_version(
     if runtime == "litert" or (runtime == "auto" and device == CPU):
         try:
             compiled = _LiteRTRunner(path, output_key, threads or os.cpu_count() or 1)
-            _check_same_outputs(compiled, reference, path)
+            _check_same_outputs(compiled, reference, probes)
             model = LoadedModel(version, path, CPU, "litert", metadata, compiled)
         except Exception as err:
             reason = (
@@ -198,7 +199,7 @@ def load_version(
             if runtime == "litert":
                 raise ModelLoadError(f"version {version}: LiteRT: {reason}") from err
             log.warning("version %d on TensorFlow: LiteRT unusable (%s)", version, reason)
-    _check_outputs(model)
+    _check_outputs(model, probes)
     log.info(
         "loaded model version %d (%s) on %s with %s in %.2fs",
         version,
@@ -247,32 +248,44 @@ def _check_signature(version: int, fn: Any) -> str:
     return str(key)
 
 
-def _check_same_outputs(compiled: PredictFn, reference: PredictFn, path: Path) -> None:
-    """The compiled model must give the SavedModel's probabilities on random and golden images."""
-    batches = [np.random.default_rng(1).integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8)
-               for n in _WARMUP_SIZES]  # fmt: skip
-    if (path / "golden.npz").is_file():
-        with np.load(path / "golden.npz") as golden:
-            batches.append(golden["images"])
+@dataclass(frozen=True)
+class _Probes:
+    """The images a version is checked on when it loads: read once, used by every check."""
+
+    warmup: list[np.ndarray]  # random images at a few batch sizes
+    golden: tuple[np.ndarray, np.ndarray] | None  # golden.npz images and labels, when present
+
+    @classmethod
+    def for_version(cls, path: Path) -> _Probes:
+        rng = np.random.default_rng(0)
+        warmup = [rng.integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8) for n in _WARMUP_SIZES]
+        golden = None
+        if (path / "golden.npz").is_file():
+            with np.load(path / "golden.npz") as data:
+                golden = data["images"], data["labels"]
+        return cls(warmup, golden)
+
+
+def _check_same_outputs(compiled: PredictFn, reference: PredictFn, probes: _Probes) -> None:
+    """The compiled model must give the SavedModel's probabilities on every probe image."""
+    batches = probes.warmup + ([probes.golden[0]] if probes.golden else [])
     for images in batches:
         diff = float(np.abs(compiled(images) - reference(images)).max())
         if not diff <= _LITERT_TOLERANCE:
             raise ModelLoadError(f"outputs differ from the SavedModel's by {diff:.2g}")
 
 
-def _check_outputs(model: LoadedModel) -> None:
+def _check_outputs(model: LoadedModel, probes: _Probes) -> None:
     """Warm up at a few batch sizes and check the answers make sense."""
-    rng = np.random.default_rng(0)
-    for n in _WARMUP_SIZES:
-        probs = model.predict(rng.integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8))
+    for images in probes.warmup:
+        n = len(images)
+        probs = model.predict(images)
         if probs.shape != (n, NUM_CLASSES):
             raise ModelLoadError(f"version {model.version}: output shape {probs.shape} for {n}")
         if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
             raise ModelLoadError(f"version {model.version}: probabilities do not sum to 1")
-    golden_path = model.path / "golden.npz"
-    if golden_path.is_file():
-        with np.load(golden_path) as golden:
-            images, labels = golden["images"], golden["labels"]
+    if probes.golden is not None:
+        images, labels = probes.golden
         predicted = model.predict(images).argmax(axis=1)
         accuracy = float((predicted == labels).mean())
         required = float(model.metadata.get("golden_min_accuracy", 0.9))
