@@ -1,12 +1,20 @@
-# The server (and, with another command, the training pipeline) in one image.
-#   docker build -t mnist-serving .
-#   docker run -p 8500:8500 -p 9100:9100 -v $PWD/models:/models mnist-serving
-#   docker run -v $PWD/models:/models -v /path/to/mnist:/data:ro mnist-serving \
-#       mnist-train --arch cnn --data-dir /data --model-dir /models
+# Two images from one file:
+#   serve (the default, last stage): the server on LiteRT; no TensorFlow, no compilers, no pip.
+#     docker build -t mnist-serving .
+#     docker run -p 8500:8500 -p 9100:9100 -v $PWD/models:/models mnist-serving
+#   train: the training pipeline (TensorFlow), writing versions the server can serve.
+#     docker build --target train -t mnist-serving-train .
+#     docker run -v $PWD/models:/models -v /path/to/mnist:/data:ro mnist-serving-train \
+#         mnist-train --arch cnn --data-dir /data --model-dir /models
 
-# -- build stage: a virtual environment with the project and its dependencies --------------
-FROM python:3.11-slim AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# -- a non-root user, shared by both images ---------------------------------------------------
+FROM python:3.11-slim AS base
+ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mnist \
+ && mkdir -p /models && chown mnist /models
+
+# -- build stages: one virtual environment each ------------------------------------------------
+FROM base AS build-serve
 RUN python -m venv /opt/venv
 COPY client /src/client
 COPY pyproject.toml README.md /src/
@@ -14,19 +22,29 @@ COPY server /src/server
 COPY training /src/training
 COPY bench /src/bench
 RUN /opt/venv/bin/pip install --quiet /src/client /src \
- && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
- && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
+ && /opt/venv/bin/pip uninstall --quiet --yes pip \
+ && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
-# -- final stage: the venv only; no compilers, no pip cache, not root ------------------------
-FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mnist \
- && mkdir -p /models && chown mnist /models
-COPY --from=build /opt/venv /opt/venv
+FROM build-serve AS build-train
+RUN python -m venv /opt/venv-train \
+ && /opt/venv-train/bin/pip install --quiet /src/client "/src[train]" \
+ && find /opt/venv-train -name '__pycache__' -prune -exec rm -rf {} + \
+ && rm -rf /opt/venv-train/lib/python3*/site-packages/tensorflow/include
+
+# -- train ------------------------------------------------------------------------------------
+FROM base AS train
+COPY --from=build-train /opt/venv-train /opt/venv
+ENV PATH=/opt/venv/bin:$PATH TF_CPP_MIN_LOG_LEVEL=2
+USER mnist
+CMD ["mnist-train", "--help"]
+
+# -- serve (default) --------------------------------------------------------------------------
+FROM base AS serve
+COPY --from=build-serve /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 \
     MNIST_MODEL_DIR=/models \
     MNIST_PORT=8500 \
+    MNIST_METRICS_HOST=0.0.0.0 \
     MNIST_METRICS_PORT=9100
 USER mnist
 EXPOSE 8500 9100

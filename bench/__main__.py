@@ -30,19 +30,27 @@ def _images(data_dir: Path | None) -> np.ndarray:
 def _print_table(result: dict[str, Any], ratios: dict[str, float]) -> None:
     rows = result["table"]
     head = (f"{'target':13s} {'load':14s} {'req/s':>9s} {'images/s':>10s} {'p50 ms':>8s} "
-            f"{'p90 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'batch':>6s} {'cpu':>5s}")  # fmt: skip
+            f"{'p90 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'batch':>6s} {'cpu':>5s} "
+            f"{'cpu us/req':>10s}")  # fmt: skip
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         batch = "" if math.isnan(r["mean_batch"]) else f"{r['mean_batch']:.1f}"
         print(f"{r['target']:13s} {r['load']:14s} {r['rps']:9.0f} {r['images_per_s']:10.0f} "
               f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:6d} "
-              f"{batch:>6s} {r['server_cpu_cores']:5.2f}")  # fmt: skip
+              f"{batch:>6s} {r['server_cpu_cores']:5.2f} "
+              f"{r['cpu_us_per_request']:10.0f}")  # fmt: skip
     print()
     for runtime, in_proc in result["in_process_images_per_s"].items():
         print(
             f"in-process {runtime:10s} images/s: "
             + ", ".join(f"batch {k}: {v:,.0f}" for k, v in in_proc.items())
         )
+    print()
+    for name, figures in result["servers"].items():
+        if figures.get("model_load_s") is not None:
+            print(f"{name:13s} RSS {figures['rss_mb']:.0f} MB after the run; process start to "
+                  f"SERVING {figures['start_to_serving_s']:.2f} s, of which model load "
+                  f"{figures['model_load_s']:.2f} s")  # fmt: skip
     print("\nratios (medians, measured side by side):")
     for name, value in ratios.items():
         print(f"  {name:34s} {value:6.2f}")
@@ -92,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bench.run import ratios, run_benchmark
-    from server.model import list_versions
+    from server.versions import list_versions
 
     if not list_versions(args.model_dir):
         p.error(f"{args.model_dir}: no model version; train one (python -m training) first")

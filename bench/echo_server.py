@@ -3,7 +3,7 @@
 They parse the request and answer a fixed response of the same shape as the real server's,
 so the benchmark measures what Python gRPC itself costs on this machine.
 
-    python -m bench.echo_server --flavour aio --port 0     # prints "listening on PORT"
+    python -m bench.echo_server --flavour aio --port 0 --ready-file ready.json
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import signal
 import sys
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import grpc.aio
 
 from mnist_client.pb import digit_classifier_pb2 as pb
 from mnist_client.pb import digit_classifier_pb2_grpc as pb_grpc
+from server.health import write_ready_file
 
 _RESPONSE = pb.PredictResponse(digit=7, probabilities=[0.1] * 10, model_version=1)
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.so_reuseport", 0)]
@@ -43,24 +45,30 @@ class AsyncEcho(pb_grpc.DigitClassifierServicer):
         return _RESPONSE
 
 
-def serve_sync(port: int, threads: int) -> None:
+def _ready(path: Path | None, port: int) -> None:
+    print(f"listening on {port}", flush=True)
+    if path is not None:
+        write_ready_file(path, {"grpc_port": port, "serving": True})
+
+
+def serve_sync(port: int, threads: int, ready_file: Path | None) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_OPTIONS)
     pb_grpc.add_DigitClassifierServicer_to_server(SyncEcho(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    print(f"listening on {bound}", flush=True)
+    _ready(ready_file, bound)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     done.wait()
     server.stop(1).wait()
 
 
-async def serve_aio(port: int) -> None:
+async def serve_aio(port: int, ready_file: Path | None) -> None:
     server = grpc.aio.server(options=_OPTIONS)
     pb_grpc.add_DigitClassifierServicer_to_server(AsyncEcho(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"listening on {bound}", flush=True)
+    _ready(ready_file, bound)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
@@ -72,11 +80,12 @@ def main() -> int:
     parser.add_argument("--flavour", choices=("sync", "aio"), required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--threads", type=int, default=16, help="sync flavour's pool size")
+    parser.add_argument("--ready-file", type=Path, help="write {grpc_port, serving} here")
     args = parser.parse_args()
     if args.flavour == "sync":
-        serve_sync(args.port, args.threads)
+        serve_sync(args.port, args.threads, args.ready_file)
     else:
-        asyncio.run(serve_aio(args.port))
+        asyncio.run(serve_aio(args.port, args.ready_file))
     return 0
 
 

@@ -12,18 +12,21 @@ import os
 import time
 from pathlib import Path
 
-from server.model import RUNTIMES
+from server.runtimes import RUNTIMES
 
 
 def measure(model_dir: Path, batches: list[int], seconds: float, runtime: str) -> dict[str, float]:
-    """Images/s of the newest version on ``runtime`` at each batch size, after a warm-up call."""
+    """Images/s of the newest version on ``runtime`` at each batch size, after a warm-up call.
+
+    The model is loaded as the server loads it (same runtime, buckets up to the largest batch).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
-    from server.model import list_versions, load_version, pick_device
+    from server.versions import list_versions, load_version
 
     version = list_versions(model_dir)[-1]
-    model = load_version(model_dir, version, pick_device(runtime), runtime)
+    model = load_version(model_dir, version, runtime, max_batch=max(batches))
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
     for n in batches:

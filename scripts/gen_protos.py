@@ -2,6 +2,7 @@
 
     python scripts/gen_protos.py           # regenerate
     python scripts/gen_protos.py --check   # exit 1 if the committed stubs differ from proto/
+    python scripts/gen_protos.py --check --stubs-dir DIR   # compare DIR instead
 
 The stubs live in the SDK package so that ``pip install ./client`` is self-contained; the
 server imports them from there. protoc writes absolute imports (``from mnist.v1 import ...``)
@@ -52,15 +53,17 @@ def generate() -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if committed stubs drifted")
+    parser.add_argument("--stubs-dir", type=Path, default=OUT_DIR, help="stubs to check")
     args = parser.parse_args()
     wanted = generate()
     if args.check:
-        present = {p.name: p.read_text() for p in OUT_DIR.glob("*.py*") if p.is_file()}
+        stubs: Path = args.stubs_dir
+        present = {p.name: p.read_text() for p in stubs.glob("*.py*") if p.is_file()}
         drifted = sorted(
             n for n in wanted.keys() | present.keys() if wanted.get(n) != present.get(n)
         )
         if drifted:
-            print(f"stubs in {OUT_DIR} differ from proto/: {', '.join(drifted)}", file=sys.stderr)
+            print(f"stubs in {stubs} differ from proto/: {', '.join(drifted)}", file=sys.stderr)
             print("run: python scripts/gen_protos.py", file=sys.stderr)
             return 1
         print("stubs match proto/")

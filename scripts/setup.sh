@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv/ and install the project (server, training, SDK) with its dev tools.
+# (A serving-only install is `pip install ./client .`: no TensorFlow; see README.)
 # Re-running is cheap: nothing is reinstalled unless a pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,6 @@ want=$(cat pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "== installing into .venv (first run downloads TensorFlow, ~1-2 minutes)"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e "./client[images]" -e ".[dev]"
+    .venv/bin/python -m pip install --quiet -e "./client[images]" -e ".[train,dev]"
     echo "$want" > "$stamp"
 fi

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse settings, quiet TensorFlow's start-up chatter, and serve until SIGTERM."""
+    """Parse settings, set up logging, and serve until SIGTERM."""
     from server.settings import parse_settings
 
     settings = parse_settings(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only read if a runtime imports TF
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

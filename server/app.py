@@ -1,7 +1,12 @@
-"""Wiring: model manager, batcher, gRPC server (service, health, reflection), metrics, signals.
+"""Wiring: one server process, from its settings to a listening port, and its drain.
 
-Request path: gRPC (``server.rpc``: parse, auth, status, metrics) -> servicer (decode with
-numpy) -> batcher (queue, coalesce) -> model thread (``ModelManager.predict``) -> back.
+Request path: gRPC -> ``server.rpc`` (admission, auth, status, metrics) -> ``server.servicer``
+(bytes <-> arrays with ``server.wire``) -> ``server.batcher`` (queue, coalesce) -> batcher
+thread -> ``ModelManager.predict`` -> the version's runtime -> back.
+
+Where state lives: the served model in :class:`~server.manager.ModelManager`; the queue in
+:class:`~server.batcher.DynamicBatcher`; calls in flight and the drain in
+:class:`~server.calls.CallTracker`; SERVING or not in :class:`~server.health.Health`.
 """
 
 from __future__ import annotations
@@ -9,70 +14,95 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
+from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
+from server import rpc
 from server.batcher import DynamicBatcher
+from server.calls import CallTracker
+from server.health import Health
 from server.manager import ModelManager
 from server.metrics import ServerMetrics
-from server.model import configure_threads, pick_device
-from server.rpc import SERVICE_NAME, add_digit_classifier
-from server.servicer import DigitClassifierServicer
+from server.metrics_http import MetricsServer
+from server.servicer import SERVICE_NAME, DigitClassifier
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-QUIET_SECONDS = 0.3  # on shutdown, how long no call must arrive before the port closes
+# After the last call in flight has finished, late calls keep getting an explicit UNAVAILABLE
+# for this long before the port closes: gRPC's own stop would cancel a call that reached the
+# transport but not yet a handler, which a client cannot tell from a lost request. Fixed, so
+# the drain is bounded by the work in flight plus this.
+QUIET_SECONDS = 0.3
+EXIT_BATCHER_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
+
+
+def _read_token(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: token file is empty")
+    return token.encode()
 
 
 class ModelServer:
     """One running server. ``await start()``, then ``await stop()`` (or :func:`run`)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        s = settings
+        self.settings = s
         self.metrics = ServerMetrics()
-        self.model_threads = configure_threads(settings.model_threads)
-        self.device = pick_device(settings.runtime)
+        self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes)
         self.manager = ModelManager(
-            settings.model_dir,
-            self.device,
+            s.model_dir,
             self.metrics,
-            pinned_version=settings.model_version,
-            runtime=settings.runtime,
-            threads=self.model_threads,
+            pinned_version=s.model_version,
+            runtime=s.runtime,
+            threads=s.model_threads,
+            max_batch=s.max_batch_size,
         )
         self.batcher = DynamicBatcher(
             self.manager.predict,
-            max_batch_size=settings.max_batch_size,
-            max_queue_images=settings.max_queue_images,
-            batch_timeout_s=settings.batch_timeout_ms / 1000.0,
+            max_batch_size=s.max_batch_size,
+            max_queue_images=s.max_queue_images,
+            batch_timeout_s=s.batch_timeout_ms / 1000.0,
             metrics=self.metrics,
-            device=self.device,
+            on_failure=self._batcher_failed,
+            arriving=lambda: self.calls.active - self.batcher.unresolved,
         )
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.draining = False
+        self.health = Health(
+            [SERVICE_NAME],
+            self.metrics,
+            [
+                lambda: self.manager.current is not None,
+                lambda: self.batcher.alive,
+                lambda: not self.draining,
+            ],
+        )
+        self.exit_code = 0
+        self.fatal = asyncio.Event()  # set when the process must stop (batcher failed)
         self.port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_http: WSGIServer | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._serving = False
+        self._metrics_http: MetricsServer | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._track_gauges()
 
-    def _auth_token(self) -> bytes | None:
-        path = self.settings.auth_token_file
-        if path is None:
-            return None
-        token = path.read_text().strip()
-        if not token:
-            raise ValueError(f"{path}: token file is empty")
-        return f"Bearer {token}".encode()
+    def _track_gauges(self) -> None:
+        m = self.metrics
+        for method in ("Predict", "BatchPredict", "GetModelInfo"):
+            m.track(m.inflight.labels(method), self._active_calls(method))
+
+    def _active_calls(self, method: str) -> Callable[[], int]:
+        return lambda: self.calls.active_by_method[method]
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
@@ -85,14 +115,9 @@ class ModelServer:
             require_client_auth=ca is not None,
         )
 
-    async def start(self) -> None:
-        """Load the model, then listen. Health turns SERVING once a version is warmed up."""
+    def _build_grpc(self) -> grpc.aio.Server:
         s = self.settings
-        await self._set_health(NOT_SERVING)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.manager.refresh)
-        self.batcher.start()
-        self._grpc = grpc.aio.server(
+        server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -100,115 +125,124 @@ class ModelServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = DigitClassifierServicer(self.batcher, self.manager, s)
-        add_digit_classifier(self._grpc, servicer, self.metrics, self._auth_token())
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc
+        token = _read_token(s.auth_token_file)
+        auth = rpc.Authenticator(b"Bearer " + token if token is not None else None)
+        servicer = DigitClassifier(self.batcher, self.manager, s)
+        rpc.register(
+            server,
+            SERVICE_NAME,
+            {
+                name: rpc.UnaryMethod(name, impl, self.calls, self.metrics, auth)
+                for name, impl in servicer.unary_methods().items()
+            },
         )
-        address = f"{s.host}:{s.port}"
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+        )
+        return server
+
+    async def start(self) -> None:
+        """Listen at once (NOT_SERVING), then load the model in the background.
+
+        Health turns SERVING once a version is loaded, warmed up and checked.
+        """
+        s = self.settings
+        metrics_token = _read_token(s.metrics_token_file)
+        self._grpc = self._build_grpc()
         creds = self._credentials()
+        address = f"{s.host}:{s.port}"
         if creds is not None:
             self.port = self._grpc.add_secure_port(address, creds)
         else:
             self.port = self._grpc.add_insecure_port(address)
-        await self._grpc.start()
-        metrics_http, _ = start_http_server(
-            s.metrics_port, s.metrics_host, registry=self.metrics.registry
-        )
-        self._metrics_http = metrics_http
-        self.metrics_port = metrics_http.server_port
-        await self._follow_model()
-        if s.model_version is None or self.manager.current is None:
-            self._watcher = loop.create_task(self._watch(), name="model-watcher")
-        log.info(
-            "serving %s on %s:%d (%s), metrics on %s:%d, device %s, runtime %s, %d model threads",
-            SERVICE_NAME,
-            s.host,
-            self.port,
-            "TLS" if creds else "plaintext",
+        self._metrics_http = MetricsServer(
             s.metrics_host,
-            self.metrics_port,
-            self.device,
-            s.runtime,
-            self.model_threads,
+            s.metrics_port,
+            self.metrics.registry,
+            ready=lambda: self.health.serving,
+            token=metrics_token,
+            tls_cert=s.metrics_tls_cert,
+            tls_key=s.metrics_tls_key,
         )
+        self.metrics_port = self._metrics_http.port
+        self.batcher.start()
+        await self._grpc.start()
+        self._metrics_http.start()
+        self.health.publish_to(s.ready_file, self._facts)
+        await self.health.update()
+        log.info(
+            "listening: %s on %s:%d (%s), metrics on %s:%d (%s)",
+            SERVICE_NAME, s.host, self.port, "TLS" if creds else "plaintext",
+            s.metrics_host, self.metrics_port, "HTTPS" if self._metrics_http.tls else "HTTP",
+        )  # fmt: skip
+        self._follow = asyncio.get_running_loop().create_task(self._load_and_follow())
 
-    async def _set_health(self, status: int) -> None:
-        self._serving = status == SERVING
-        self.metrics.serving.set(1 if self._serving else 0)
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
+    def _facts(self) -> dict[str, Any]:
+        model = self.manager.current
+        return {
+            "grpc_port": self.port,
+            "metrics_port": self.metrics_port,
+            "model_version": model.version if model else None,
+            "model_load_seconds": model.load_seconds if model else None,
+        }
 
-    async def _follow_model(self) -> None:
-        if self.manager.current is not None and not self._serving:
-            await self._set_health(SERVING)
-
-    async def _watch(self) -> None:
+    async def _load_and_follow(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.settings.poll_seconds)
-            try:
-                await loop.run_in_executor(None, self.manager.refresh)
-            except Exception:  # a watcher that dies silently would freeze the version
-                log.exception("model refresh failed")
-            await self._follow_model()
+        try:
+            await loop.run_in_executor(None, self.manager.refresh)
+        except Exception:
+            log.exception("model load failed")
+        await self.health.update()
+        await self.manager.watch(self.settings.poll_seconds, self.health.update)
+
+    def _batcher_failed(self, err: BaseException) -> None:
+        log.critical("the batcher failed; stopping with exit status %d", EXIT_BATCHER_FAILED)
+        self.exit_code = EXIT_BATCHER_FAILED
+        asyncio.get_running_loop().create_task(self.health.update())
+        self.fatal.set()
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, pre-stop window, refuse new work, finish accepted work, close.
+        """Drain: NOT_SERVING, pre-stop window, refuse new calls, finish accepted ones, close.
 
-        New requests are refused by the batcher with UNAVAILABLE (an explicit, retryable
-        answer) while every accepted request is finished; only then is the gRPC server stopped,
-        so the window in which a late call could be cut off by the transport is as short as
-        it can be. All of it is bounded by ``--grace-seconds``.
+        New calls are refused with UNAVAILABLE (an explicit, retryable answer) while every
+        accepted call is finished; then, after :data:`QUIET_SECONDS`, the port closes. The
+        wait for calls in flight is bounded by ``--grace-seconds``.
         """
         s = self.settings
         loop = asyncio.get_running_loop()
         log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", s.grace_seconds)
-        await self._set_health(NOT_SERVING)
-        if self._watcher is not None:
-            self._watcher.cancel()
+        self.draining = True
+        await self.health.update()
+        if self._follow is not None:
+            self._follow.cancel()
         if s.pre_stop_seconds:
             await asyncio.sleep(s.pre_stop_seconds)
         deadline = loop.time() + s.grace_seconds
+        if not await self.calls.drain(s.grace_seconds):
+            log.warning("grace period over with %d calls in flight", self.calls.active)
         try:
-            await asyncio.wait_for(asyncio.shield(self.batcher.stop()), s.grace_seconds)
+            await asyncio.wait_for(
+                asyncio.shield(self.batcher.stop()), max(0.0, deadline - loop.time())
+            )
         except TimeoutError:
             log.warning("grace period over with %d images queued", self.batcher.queued_images)
-        await self._wait_until_quiet(deadline)
+        await asyncio.sleep(QUIET_SECONDS)
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
-        answered = self.metrics.requests_by_code()
+            self._metrics_http.stop()
+        answered = self.calls.answered
+        self.health.write_final(answered=dict(answered))
         log.info(
             "stopped; answered %d requests: %s",
             sum(answered.values()),
             ", ".join(f"{code}={n}" for code, n in sorted(answered.items())) or "none",
         )
 
-    async def _wait_until_quiet(self, deadline: float) -> None:
-        """Keep refusing late calls (UNAVAILABLE) until none arrive for a moment.
-
-        gRPC's own stop cancels calls that reached the transport but not yet a handler; a
-        client still sending sees those as CANCELLED, which it cannot tell from a lost
-        request. Waiting for a quiet moment first gives every late call an explicit answer.
-        """
-        loop = asyncio.get_running_loop()
-        total = sum(self.metrics.requests_by_code().values())
-        last_change = loop.time()
-        while loop.time() < deadline:
-            await asyncio.sleep(0.05)
-            now_total = sum(self.metrics.requests_by_code().values())
-            if now_total != total:
-                total, last_change = now_total, loop.time()
-            elif loop.time() - last_change >= QUIET_SECONDS and not self.metrics.inflight_total():
-                return
-
 
 async def run(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then drain and return the exit status."""
+    """Serve until SIGTERM or SIGINT (or a fatal error), then drain; return the exit status."""
     server = ModelServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -219,9 +253,10 @@ async def run(settings: Settings) -> int:
     except (OSError, ValueError, RuntimeError) as err:  # unreadable TLS/token file, port taken
         log.error("cannot start: %s", err)
         return 2
-    await stop.wait()
+    fatal = loop.create_task(server.fatal.wait())
+    await asyncio.wait([loop.create_task(stop.wait()), fatal], return_when="FIRST_COMPLETED")
     await server.stop()
-    return 0
+    return server.exit_code
 
 
 def check_model_dir(path: Path) -> None:

@@ -7,9 +7,15 @@ Contract
 * Requests are served first come, first served. One model call runs at a time, on the
   batcher's own thread, never on the event loop. When the model is free, the thread runs
   whatever is queued at that moment, up to ``max_batch_size`` images: an idle server adds no
-  wait. While a call runs, new requests accumulate and form the next batch. With
-  ``batch_timeout_s > 0`` the thread waits up to that long after the oldest queued request
-  arrived for a batch to fill.
+  wait. While a call runs, new requests accumulate and form the next batch.
+* With ``batch_timeout_s > 0`` the thread may wait up to that long after the oldest queued
+  request arrived for a batch to fill, but only while ``arriving()`` says more requests are
+  on their way (calls the server has taken in that have not reached the batcher yet): a
+  request that is alone never waits. Without ``arriving``, it always waits.
+* Requests that reach the batcher in the same turn of the event loop reach the thread
+  together: the thread is woken once per turn, after every handler of that turn has run, so
+  requests that arrive together are batched together (rather than the first one waking the
+  thread for a batch of one).
 * A request larger than the room left in a batch is split: the part that fits rides in this
   batch, the rest leads the next one, and the parts are reassembled in order. The head of the
   queue is never skipped, so no request waits for a batch it does not fit in.
@@ -22,6 +28,10 @@ Contract
   :class:`~server.errors.ModelFailed` (or the model function's own
   :class:`~server.errors.ServiceError`, e.g. Unavailable when no model is loaded); the
   batcher keeps serving the next batch.
+* If the thread itself fails (a bug outside the model call), every queued request fails with
+  :class:`~server.errors.Unavailable`, new ones are refused the same way, and ``on_failure``
+  is called on the event loop: the server turns NOT_SERVING and exits non-zero, so that a
+  supervisor restarts it rather than leaving requests to queue with no consumer.
 * ``stop()`` refuses new requests (:class:`~server.errors.Unavailable`), finishes every
   request already accepted, then ends the thread. Nothing accepted is dropped.
 
@@ -32,9 +42,8 @@ swap takes effect from the next batch while the current one finishes on the old 
 Why a thread of its own rather than an asyncio task handing batches to an executor: the
 thread forms the next batch the moment the model is free and hands each finished batch back
 to the event loop with one ``call_soon_threadsafe``. A task would need several event-loop
-turns per batch, each queued behind every other RPC's callbacks; measured at 64 concurrent
-calls, that kept the model idle between small batches. The queue is shared under one lock;
-request futures are only touched on the event loop.
+turns per batch, each queued behind every other RPC's callbacks. The queue is shared under
+one lock; request futures are only touched on the event loop.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from mnist_client.contract import NUM_CLASSES
 from server.errors import (
     DeadlineExceeded,
     ModelFailed,
@@ -98,7 +108,8 @@ class DynamicBatcher:
         max_queue_images: int,
         batch_timeout_s: float = 0.0,
         metrics: ServerMetrics | None = None,
-        device: str = "cpu",
+        on_failure: Callable[[BaseException], None] | None = None,
+        arriving: Callable[[], int] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_images < 1 or batch_timeout_s < 0:
             raise ValueError("max_batch_size and max_queue_images must be >= 1, timeout >= 0")
@@ -107,22 +118,33 @@ class DynamicBatcher:
         self.max_queue_images = max_queue_images
         self.batch_timeout_s = batch_timeout_s
         self._metrics = metrics if metrics is not None else ServerMetrics()
-        self._compute_seconds = self._metrics.compute_seconds.labels(device)
+        self._on_failure = on_failure
+        self._arriving = arriving
+        self.unresolved = 0  # requests submitted and not yet answered (event loop only)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled when requests arrive or stop
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_images = 0
         self._stopping = False
+        self._failed: BaseException | None = None
+        # what the thread is doing (guarded by the lock): "busy" with a batch, "idle" waiting for
+        # work, or "filling": waiting for requests on their way to join the next batch
+        self._state = "busy"
+        self._wake_scheduled = False  # a wake-up is due at the end of this loop turn
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None
-        # read at scrape time: no per-request cost on the hot path
-        self._metrics.queue_images.set_function(lambda: self._queued_images)
+        self._metrics.track(self._metrics.queue_images, lambda: self._queued_images)
 
     @property
     def queued_images(self) -> int:
         """Images accepted but not yet handed to the model."""
         return self._queued_images
+
+    @property
+    def alive(self) -> bool:
+        """False once the thread has failed (see the contract)."""
+        return self._failed is None
 
     def start(self) -> None:
         """Start the batcher's thread; results are delivered on the running event loop."""
@@ -135,14 +157,17 @@ class DynamicBatcher:
     async def submit(self, images: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Queue ``images`` for the model and wait for their probabilities and versions."""
         n = len(images)
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             raise Unavailable("batcher not started")
-        request = _Request(images, deadline, time.monotonic(), self._loop.create_future())
+        if n == 0:
+            return np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64)
+        request = _Request(images, deadline, time.monotonic(), loop.create_future())
         with self._lock:  # checked under the lock: the thread ends once stopping and empty
-            if self._stopping:
-                raise Unavailable("server is shutting down")
-            if n == 0:
-                return np.zeros((0, 10), np.float32), np.zeros(0, np.int64)
+            if self._stopping or self._failed is not None:
+                raise Unavailable(
+                    "server is shutting down" if self._stopping else "server is failing"
+                )
             if self._queued_images + n > self.max_queue_images:
                 raise ResourceExhausted(
                     f"server overloaded: {self._queued_images} images queued, "
@@ -150,13 +175,34 @@ class DynamicBatcher:
                 )
             self._queue.append(request)
             self._queued_images += n
-            self._work.notify()
+            wake = self._state != "busy" and not self._wake_scheduled
+            if wake:
+                self._wake_scheduled = True
+        if wake:
+            loop.call_soon(self._wake)
+        self.unresolved += 1
         try:
             return await request.future
         except asyncio.CancelledError:
             with self._lock:  # still (partly) queued: release its place now
                 self._release(request)
             raise
+        finally:
+            self.unresolved -= 1
+
+    def _wake(self) -> None:
+        # Once per loop turn. A filling thread is only woken when its batch is full or nothing
+        # more is on its way: waking it for every arrival costs a thread switch each time.
+        with self._lock:
+            self._wake_scheduled = False
+            if self._state == "idle" or (
+                self._state == "filling"
+                and (
+                    self._queued_images >= self.max_batch_size
+                    or (self._arriving is not None and self._arriving() <= 0)
+                )
+            ):
+                self._work.notify()
 
     async def stop(self) -> None:
         """Refuse new requests, finish every accepted one, then end the thread."""
@@ -171,31 +217,53 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         try:
-            while True:
-                with self._lock:
-                    while not self._queue and not self._stopping:
-                        self._work.wait()
-                    if not self._queue:
-                        return  # stopping, and everything accepted has been answered
-                    if self.batch_timeout_s > 0 and not self._stopping:
-                        self._wait_to_fill()
-                    batch, expired = self._take_batch(time.monotonic())
-                if expired:
-                    error = DeadlineExceeded("deadline passed while queued; the model was not run")
-                    self._post(self._fail_all, expired, error)
-                if batch:
-                    self._compute(batch)
+            self._serve()
+        except BaseException as err:  # a bug here must not leave requests queued forever
+            log.critical("batcher thread failed; failing queued requests", exc_info=err)
+            with self._lock:
+                self._failed = err
+                queued = list(self._queue)
+                self._queue.clear()
+                for req in queued:
+                    self._release(req)
+            self._post(self._fail_all, queued, Unavailable("server is failing; retry"))
+            if self._on_failure is not None:
+                self._post(self._on_failure, err)
         finally:
             if self._finished is not None:
-                self._post(self._finished.set_result, None)
+                self._post(_set_result_once, self._finished)
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._wait("idle")
+                if not self._queue:
+                    return  # stopping, and everything accepted has been answered
+                if self.batch_timeout_s > 0 and not self._stopping:
+                    self._wait_to_fill()
+                batch, expired = self._take_batch(time.monotonic())
+            if expired:
+                self._metrics.expired_images.inc(sum(len(r.images) for r in expired))
+                error = DeadlineExceeded("deadline passed while queued; the model was not run")
+                self._post(self._fail_all, expired, error)
+            if batch:
+                self._compute(batch)
 
     def _wait_to_fill(self) -> None:
         fill_by = self._queue[0].enqueued + self.batch_timeout_s
+        arriving = self._arriving
         while self._queued_images < self.max_batch_size and not self._stopping:
             remaining = fill_by - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (arriving is not None and arriving() <= 0):
                 return
-            self._work.wait(remaining)
+            self._wait("filling", remaining)
+
+    def _wait(self, state: str, timeout: float | None = None) -> None:
+        """Wait for a notify (work, a full batch, stop) or ``timeout``. Under the lock."""
+        self._state = state
+        self._work.wait(timeout)
+        self._state = "busy"
 
     def _take_batch(self, now: float) -> tuple[list[_Slice], list[_Request]]:
         """Pop up to max_batch_size images from the head; split the last request if needed.
@@ -205,6 +273,7 @@ class DynamicBatcher:
         batch: list[_Slice] = []
         expired: list[_Request] = []
         room = self.max_batch_size
+        queue_seconds = self._metrics.queue_seconds
         while room and self._queue:
             req = self._queue[0]
             if req.waiting_images == 0:  # cancelled, or failed earlier
@@ -219,7 +288,7 @@ class DynamicBatcher:
             batch.append(_Slice(req, req.next_image, req.next_image + take))
             if not req.dispatched:
                 req.dispatched = True
-                self._metrics.queue_seconds.observe(now - req.enqueued)
+                queue_seconds.observe(now - req.enqueued)
             req.next_image += take
             room -= take
             if req.waiting_images == 0:
@@ -229,12 +298,11 @@ class DynamicBatcher:
 
     def _compute(self, batch: list[_Slice]) -> None:
         n = sum(s.stop - s.start for s in batch)
-        started = time.perf_counter()
         try:
             parts = [s.request.images[s.start : s.stop] for s in batch]
             images = parts[0] if len(parts) == 1 else np.concatenate(parts)
             probs, version = self._model_fn(images)
-            if probs.shape != (n, 10):
+            if probs.shape != (n, NUM_CLASSES):
                 raise ValueError(f"model returned shape {probs.shape} for {n} images")
         except Exception as err:
             if isinstance(err, ServiceError):  # e.g. Unavailable: no model loaded yet
@@ -248,9 +316,8 @@ class DynamicBatcher:
                     self._release(s.request)
             self._post(self._fail_all, [s.request for s in batch], error)
             return
-        self._compute_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(n)
-        self._post(self._deliver, batch, probs, np.full(n, version, np.int64))
+        self._post(self._deliver, batch, probs, version)
 
     def _release(self, req: _Request) -> None:
         """Take a request's images that are still queued out of the count. Under the lock."""
@@ -274,12 +341,12 @@ class DynamicBatcher:
                 req.future.set_exception(error)
 
     @staticmethod
-    def _deliver(batch: list[_Slice], probs: np.ndarray, versions: np.ndarray) -> None:
+    def _deliver(batch: list[_Slice], probs: np.ndarray, version: int) -> None:
         offset = 0
         for s in batch:
             n = s.stop - s.start
             req = s.request
-            rows = probs[offset : offset + n], versions[offset : offset + n]
+            rows = probs[offset : offset + n], np.full(n, version, np.int64)
             offset += n
             if req.future.done():  # cancelled while computing, or an earlier part failed
                 continue
@@ -294,3 +361,8 @@ class DynamicBatcher:
                         np.concatenate([v for _, v in req.parts]),
                     )
                 )
+
+
+def _set_result_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

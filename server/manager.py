@@ -1,24 +1,28 @@
-"""Which model version is served, and the swap to a newer one.
+"""Which model version is served, the swap to a newer one, and following the model folder.
 
-The manager owns the current :class:`~server.model.LoadedModel`. ``predict`` reads it once per
-batch, so swapping is one reference assignment: the batch already running finishes on the old
-version and the next batch uses the new one. New versions are loaded, warmed up and checked
-beside the current one (in a worker thread) before the swap; a version that fails is recorded
-and skipped until its files change, and the current version keeps serving.
+The manager owns the current :class:`~server.versions.LoadedModel`. ``predict`` reads it once
+per batch, so swapping is one reference assignment: the batch already running finishes on the
+old version and the next batch uses the new one. New versions are loaded, warmed up and
+checked beside the current one (in a worker thread) before the swap; a version that fails is
+recorded and skipped until its files change, and the current version keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from server.errors import Unavailable
 from server.metrics import ServerMetrics
-from server.model import LoadedModel, ModelLoadError, list_versions, load_version
+from server.versions import LoadedModel, ModelLoadError, list_versions, load_version
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +40,21 @@ class ModelManager:
     def __init__(
         self,
         model_dir: Path,
-        device: str,
         metrics: ServerMetrics,
+        *,
         pinned_version: int | None = None,
         runtime: str = "auto",
         threads: int = 0,
+        max_batch: int = 256,
     ) -> None:
         self.model_dir = model_dir
-        self.device = device
         self.pinned_version = pinned_version
         self.runtime = runtime
         self.threads = threads
+        self.max_batch = max_batch
         self._metrics = metrics
-        self._current: LoadedModel | None = None
+        # the served model with its compute-time histogram: one reference, swapped atomically
+        self._serving: tuple[LoadedModel, Any] | None = None
         self._failures: dict[int, LoadFailure] = {}
         self.last_failure: LoadFailure | None = None
         self._load_lock = threading.Lock()
@@ -56,14 +62,19 @@ class ModelManager:
     @property
     def current(self) -> LoadedModel | None:
         """The version being served, or None before the first successful load."""
-        return self._current
+        serving = self._serving
+        return serving[0] if serving else None
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, int]:
-        """Probabilities from the current version, and that version. Called per batch."""
-        model = self._current
-        if model is None:
+        """Probabilities from the current version, and that version. Called once per batch."""
+        serving = self._serving
+        if serving is None:
             raise Unavailable("no model version is loaded")
-        return model.predict(images), model.version
+        model, compute_seconds = serving
+        started = time.perf_counter()
+        probs = model.predict(images)
+        compute_seconds.observe(time.perf_counter() - started)
+        return probs, model.version
 
     def refresh(self) -> bool:
         """Load and swap to the wanted version if it is newer than the served one. Blocking.
@@ -76,25 +87,41 @@ class ModelManager:
         with self._load_lock:
             while True:
                 wanted = self._wanted_version()
-                current = self._current.version if self._current else None
+                previous = self.current
+                current = previous.version if previous else None
                 if wanted is None or wanted == current:
                     return False
                 if self.pinned_version is None and current is not None and wanted < current:
                     return False
                 try:
                     model = load_version(
-                        self.model_dir, wanted, self.device, self.runtime, self.threads
+                        self.model_dir, wanted, self.runtime, self.threads, self.max_batch
                     )
                 except ModelLoadError as err:
                     self._record_failure(wanted, str(err))
                     continue  # the failure is remembered: the next pass tries another
-                self._current = model  # the swap: one reference, read once per batch
+                # the swap: one reference, read once per batch
+                self._serving = (model, self._metrics.compute_seconds.labels(model.device))
                 self._failures.pop(wanted, None)
                 self._metrics.model_loads.labels("ok").inc()
-                self._metrics.set_model(model)
+                self._metrics.set_model(model, previous)
                 if current is not None:
                     log.info("now serving version %d (was %d)", model.version, current)
                 return True
+
+    async def watch(self, poll_seconds: float, on_swap: Callable[[], Awaitable[object]]) -> None:
+        """Check the folder every ``poll_seconds`` for a newer version; await ``on_swap`` after
+        each swap. Runs until cancelled; a pinned version that is serving is never left."""
+        loop = asyncio.get_running_loop()
+        while self.pinned_version is None or self._serving is None:
+            await asyncio.sleep(poll_seconds)
+            try:
+                swapped = await loop.run_in_executor(None, self.refresh)
+            except Exception:  # a watcher that dies silently would freeze the version
+                log.exception("model refresh failed")
+                continue
+            if swapped:
+                await on_swap()
 
     def _wanted_version(self) -> int | None:
         versions = list_versions(self.model_dir)
@@ -106,7 +133,8 @@ class ModelManager:
             failure = self._failures.get(version)
             if failure is None or failure.stamp != self._stamp(version):
                 return version
-            if self._current is not None and version <= self._current.version:
+            current = self.current
+            if current is not None and version <= current.version:
                 break
         return None
 
@@ -125,6 +153,6 @@ class ModelManager:
         log.error(
             "model version %d rejected, still serving %s: %s",
             version,
-            self._current.version if self._current else "nothing",
+            self.current.version if self.current else "nothing",
             reason,
         )

@@ -2,22 +2,39 @@
 
 Latency buckets run from 100 us to 10 s so that sub-millisecond model calls and multi-second
 overload queues both resolve; batch-size buckets are powers of two up to 4096 images.
+
+With several worker processes (``--workers``), prometheus-client's multiprocess mode is on
+(``PROMETHEUS_MULTIPROC_DIR`` is set before it is imported): every worker writes its values to
+files there and the supervisor's metrics port sums them. Gauges then say how they combine
+across workers (``multiprocess_mode``): queue depth and in-flight calls add up, the model
+version shown is the highest, and ``mnist_serving`` is 1 only while every worker serves.
+
+Metrics observe the server; they never steer it: the drain and the health state read their
+own counts (``server.calls``, ``server.health``), not these.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from server.model import LoadedModel
+    from server.versions import LoadedModel
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
     0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_mode() -> bool:
+    """Whether this process writes its metrics for a supervisor to sum (``--workers`` > 1)."""
+    return MULTIPROCESS_ENV in os.environ
 
 
 class ServerMetrics:
@@ -25,6 +42,8 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess_mode()
+        self._live: list[tuple[Any, Callable[[], float]]] = []
         r = self.registry
         self.rpc_duration = Histogram(
             "mnist_rpc_duration_seconds",
@@ -63,20 +82,30 @@ class ServerMetrics:
         self.batch_failures = Counter(
             "mnist_batch_failures_total", "Model calls that raised.", registry=r
         )
-        self.queue_images = Gauge(
-            "mnist_queue_images", "Images waiting for a model call.", registry=r
-        )
-        self.inflight = Gauge(
-            "mnist_inflight_requests", "RPCs being handled now.", ["method"], registry=r
-        )
-        self.model = Info(
-            "mnist_model",
-            "The model version being served, where and on which runtime it runs.",
+        self.expired_images = Counter(
+            "mnist_expired_images_total",
+            "Images dropped before compute because their deadline passed while queued.",
             registry=r,
         )
-        self.model_version = Gauge(
-            "mnist_model_version", "The model version being served.", registry=r
+        self.queue_images = Gauge(
+            "mnist_queue_images", "Images waiting for a model call.",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "mnist_inflight_requests", "RPCs being handled now.", ["method"],
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.model = Gauge(
+            "mnist_model_info",
+            "1 for the model version being served, with where and on which runtime it runs.",
+            ["version", "architecture", "device", "runtime"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
+        self.model_version = Gauge(
+            "mnist_model_version", "The model version being served.",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
         self.model_loads = Counter(
             "mnist_model_loads_total",
             "Model version loads, by result (ok, failed).",
@@ -84,8 +113,9 @@ class ServerMetrics:
             registry=r,
         )
         self.serving = Gauge(
-            "mnist_serving", "1 while the server reports SERVING, 0 otherwise.", registry=r
-        )
+            "mnist_serving", "1 while the server reports SERVING, 0 otherwise.",
+            registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
         for result in ("ok", "failed"):
             self.model_loads.labels(result)
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
@@ -105,24 +135,29 @@ class ServerMetrics:
         if images:
             image_count.inc(images)
 
-    def requests_by_code(self) -> dict[str, int]:
-        """Total RPCs answered so far per status code, over all methods."""
-        totals: dict[str, int] = {}
-        for metric in self.requests.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    code = sample.labels["code"]
-                    totals[code] = totals.get(code, 0) + int(sample.value)
-        return totals
+    def track(self, gauge: Any, read: Callable[[], float]) -> None:
+        """Make ``gauge`` show ``read()``: at scrape time in one process, and at every
+        :meth:`refresh` with workers (a supervisor cannot call into a worker at scrape)."""
+        if self.multiprocess:
+            self._live.append((gauge, read))
+        else:
+            gauge.set_function(read)
 
-    def inflight_total(self) -> int:
-        """RPCs being handled now, over all methods."""
-        return int(sum(s.value for m in self.inflight.collect() for s in m.samples))
+    def refresh(self) -> None:
+        """Write the tracked gauges' current values (multiprocess mode; cheap, call often)."""
+        for gauge, read in self._live:
+            gauge.set(read())
 
-    def set_model(self, model: LoadedModel) -> None:
+    def set_model(self, model: LoadedModel, previous: LoadedModel | None) -> None:
         """Record which version is served, after a load or a swap."""
-        self.model.info({
-            "version": str(model.version), "architecture": model.architecture,
-            "device": model.device, "runtime": model.runtime,
-        })  # fmt: skip
+        if previous is not None:
+            old = _model_labels(previous)
+            self.model.labels(*old).set(0)  # what a worker's file keeps in multiprocess mode
+            if not self.multiprocess:
+                self.model.remove(*old)
+        self.model.labels(*_model_labels(model)).set(1)
         self.model_version.set(model.version)
+
+
+def _model_labels(model: LoadedModel) -> tuple[str, str, str, str]:
+    return str(model.version), model.architecture, model.device, model.runtime_name

@@ -1,8 +1,14 @@
-"""gRPC plumbing around the servicer: strict parsing, auth, status mapping and metrics.
+"""gRPC plumbing around the servicer: admission, auth, status mapping, metrics, per call.
 
-Methods are registered with raw-bytes deserialization so that a malformed message, an unknown
-field or a field of the wrong type is an INVALID_ARGUMENT the caller can act on (gRPC's own
-deserializer would answer INTERNAL, and protobuf keeps unknown fields silently).
+Each method is registered with the C core (as generated code does) with raw bytes in and out:
+requests are read by :mod:`server.wire`, strictly, and responses are written there too.
+
+A unary method is registered as a *stream-unary* handler that reads its one request itself.
+gRPC then runs the handler the moment the call arrives, instead of after the body is
+received: admission is decided before the body is read, and a call that is cancelled or
+runs out of deadline while its body is still arriving is counted like any other (with a
+plain unary handler gRPC drops such calls before any server code sees them, and no metric
+shows them). For the client nothing changes: it is the same HTTP/2 exchange.
 """
 
 from __future__ import annotations
@@ -16,135 +22,118 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError, Message
-from google.protobuf.unknown_fields import UnknownFieldSet
 
-from mnist_client.pb import digit_classifier_pb2 as pb
+from server.calls import CallTracker
 from server.errors import InvalidArgument, ServiceError, Unauthenticated
 from server.metrics import ServerMetrics
-from server.servicer import DigitClassifierServicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
-_WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 5: "32-bit"}
+
+class Call:
+    """What a method implementation gets besides the request bytes."""
+
+    __slots__ = ("context", "deadline", "images")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self.context = context
+        remaining = context.time_remaining()
+        # time.monotonic() seconds, the batcher's clock; None: no deadline
+        self.deadline = None if remaining is None else time.monotonic() + remaining
+        self.images = 0  # set by the implementation once it knows, for the metrics
 
 
-def parse_request(message_type: type[Message], raw: bytes) -> Any:
-    """Parse ``raw`` strictly: malformed bytes, unknown fields and wrong types are rejected."""
-    name = message_type.DESCRIPTOR.name
-    try:
-        message = message_type.FromString(raw)
-    except DecodeError:
-        raise InvalidArgument(f"request is not a valid mnist.v1.{name} message") from None
-    unknown = UnknownFieldSet(message)
-    if len(unknown):
-        field = unknown[0]
-        known = message_type.DESCRIPTOR.fields_by_number.get(field.field_number)
-        wire = _WIRE_TYPES.get(field.wire_type, str(field.wire_type))
-        if known is not None:
-            raise InvalidArgument(
-                f"{name}.{known.name} (field {field.field_number}) has the wrong type ({wire})"
-            )
-        raise InvalidArgument(
-            f"unknown field number {field.field_number} in {name}; this server speaks mnist.v1"
-        )
-    return message
+UnaryImpl = Callable[[bytes, Call], Awaitable[bytes]]
 
 
-class _Method:
-    def __init__(
-        self,
-        name: str,
-        request_type: type[Message],
-        impl: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],
-        count_images: Callable[[Any], int],
-        metrics: ServerMetrics,
-        auth_token: bytes | None,
-    ) -> None:
-        self.name = name
-        self.request_type = request_type
-        self.impl = impl
-        self.count_images = count_images
-        self.metrics = metrics
-        self.auth_token = auth_token
-        self.active = 0  # RPCs of this method being handled; the gauge reads it at scrape time
-        metrics.inflight.labels(name).set_function(lambda: self.active)
+class Authenticator:
+    """Checks the bearer token of a call in constant time (when the server has one)."""
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        assert self.auth_token is not None
+    def __init__(self, token: bytes | None) -> None:
+        self.expected = token
+
+    def check(self, context: grpc.aio.ServicerContext) -> None:
+        if self.expected is None:
+            return
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 presented = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(presented, self.auth_token):
+                if hmac.compare_digest(presented, self.expected):
                     return
                 raise Unauthenticated("invalid bearer token")
         raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
 
-    async def handle(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> str:
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+class UnaryMethod:
+    """One unary RPC: admit, authenticate, read, charge, run ``impl``, answer, record."""
+
+    def __init__(
+        self,
+        name: str,
+        impl: UnaryImpl,
+        calls: CallTracker,
+        metrics: ServerMetrics,
+        auth: Authenticator,
+    ) -> None:
+        self.name = name
+        self.impl = impl
+        self.calls = calls
+        self.metrics = metrics
+        self.auth = auth
+
+    async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
+        calls = self.calls
         code = "OK"
-        images = 0
-        self.active += 1
+        call: Call | None = None
+        admitted = False
+        size = 0
         try:
-            if self.auth_token is not None:
-                self._authenticate(context)
-            request = parse_request(self.request_type, raw)
-            images = self.count_images(request)
-            return await self.impl(request, context)
+            calls.admit(self.name)
+            admitted = True
+            self.auth.check(context)
+            raw = await context.read()
+            if not isinstance(raw, bytes):  # the stream ended before one whole message
+                raise InvalidArgument("the call carried no complete request message")
+            size = len(raw)
+            calls.charge(size)
+            call = Call(context)
+            return await self.impl(raw, call)
         except ServiceError as err:
             code = err.code.name
-            await context.abort(err.code, err.message)
+            try:
+                await context.abort(err.code, err.message)
+            except grpc.aio.InternalError:
+                # The status could not be sent: gRPC had already ended the call (the client
+                # went away, or the C core refused the message, e.g. one larger than
+                # --max-message-bytes, which the client sees as RESOURCE_EXHAUSTED).
+                code = _cancelled_code(context)
+                raise asyncio.CancelledError from None
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            code = _cancelled_code(context)
             raise
         except Exception:
             code = "INTERNAL"
             log.exception("unexpected error in %s", self.name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
         finally:
-            self.active -= 1
+            if size:
+                calls.release(size)
+            calls.finish(self.name, code, admitted)
+            images = call.images if call is not None else 0
             self.metrics.observe_rpc(self.name, code, images, time.perf_counter() - started)
         raise AssertionError("unreachable: context.abort raises")
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
-
-
-def add_digit_classifier(
-    server: grpc.aio.Server,
-    servicer: DigitClassifierServicer,
-    metrics: ServerMetrics,
-    auth_token: bytes | None,
-) -> None:
-    """Add the ``mnist.v1.DigitClassifier`` service to ``server`` (before it starts).
-
-    The methods are registered with the C core, as generated code does: a registered method
-    is matched there, not by a Python lookup over every generic handler on each call
-    (one interleaved A/B at 64 concurrent calls: +10% Predict calls/s).
-    """
-    methods = [
-        _Method("Predict", pb.PredictRequest, servicer.Predict, lambda r: 1, metrics, auth_token),
-        _Method(
-            "BatchPredict",
-            pb.BatchPredictRequest,
-            servicer.BatchPredict,
-            lambda r: len(r.images),
-            metrics,
-            auth_token,
-        ),
-        _Method(
-            "GetModelInfo",
-            pb.GetModelInfoRequest,
-            servicer.GetModelInfo,
-            lambda r: 0,
-            metrics,
-            auth_token,
-        ),
-    ]
+def register(server: grpc.aio.Server, service: str, methods: dict[str, UnaryMethod]) -> None:
+    """Register ``methods`` of ``service`` with the C core (before the server starts)."""
     handlers = {
-        m.name: grpc.unary_unary_rpc_method_handler(m.handle, response_serializer=_serialize)
-        for m in methods
+        name: grpc.stream_unary_rpc_method_handler(method.handle)
+        for name, method in methods.items()
     }
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]

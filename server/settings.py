@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from server.model import RUNTIMES
+from server.runtimes import RUNTIMES
 
 ENV_PREFIX = "MNIST_"
 
@@ -25,8 +25,12 @@ class Settings:
     model_dir: Path
     host: str = "0.0.0.0"
     port: int = 8500
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9100
+    metrics_tls_cert: Path | None = None
+    metrics_tls_key: Path | None = None
+    metrics_token_file: Path | None = None
+    ready_file: Path | None = None
     model_version: int | None = None
     model_threads: int = 0
     runtime: str = "auto"
@@ -36,6 +40,8 @@ class Settings:
     max_images_per_request: int = 4096
     max_message_bytes: int = 8 * 1024 * 1024
     max_concurrent_streams: int = 1024
+    max_concurrent_rpcs: int = 256
+    max_inflight_bytes: int = 64 * 1024 * 1024
     poll_seconds: float = 2.0
     grace_seconds: float = 20.0
     pre_stop_seconds: float = 0.0
@@ -61,6 +67,12 @@ class Settings:
             problems.append("--max-queue-images must be >= --max-images-per-request")
         if self.max_message_bytes < self.max_images_per_request * 790:
             problems.append("--max-message-bytes is too small for --max-images-per-request")
+        if self.max_concurrent_rpcs < 1:
+            problems.append("--max-concurrent-rpcs must be >= 1")
+        if self.max_inflight_bytes < self.max_message_bytes:
+            problems.append("--max-inflight-bytes must be >= --max-message-bytes")
+        if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
+            problems.append("--metrics-tls-cert and --metrics-tls-key go together")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -75,18 +87,27 @@ _HELP = {
     "model_dir": "folder of integer model versions (MODEL_DIR/1, MODEL_DIR/2, ...)",
     "host": "address the gRPC port binds to",
     "port": "gRPC port (0 = pick a free one)",
-    "metrics_host": "address the Prometheus metrics port binds to",
+    "metrics_host": "address the metrics port (/metrics, /readyz) binds to; 0.0.0.0 = all",
     "metrics_port": "Prometheus metrics port (0 = pick a free one)",
+    "metrics_tls_cert": "PEM certificate for the metrics port (enables HTTPS there)",
+    "metrics_tls_key": "PEM private key for the metrics port",
+    "metrics_token_file": "file holding a bearer token that scrapes of /metrics must present",
+    "ready_file": "write {pid, ports, serving} here as JSON once the ports are bound, "
+    "and again whenever health changes",
     "model_version": "serve exactly this version and do not follow new ones (default: highest)",
     "model_threads": "threads per model call (0 = one per core)",
-    "runtime": "litert (SavedModel compiled for XNNPACK, CPU), tensorflow, or auto "
-    "(litert on a CPU, tensorflow on a GPU)",
+    "runtime": "litert (model.tflite on XNNPACK, CPU, no TensorFlow), tensorflow (the "
+    "SavedModel), or auto (litert on a CPU, tensorflow on a GPU)",
     "max_batch_size": "most images in one model call (1 = no batching)",
     "batch_timeout_ms": "extra wait to fill a batch once the model is free (0 = never wait)",
     "max_queue_images": "images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED",
     "max_images_per_request": "most images in one BatchPredict",
     "max_message_bytes": "largest request or response message",
     "max_concurrent_streams": "most concurrent RPCs per HTTP/2 connection",
+    "max_concurrent_rpcs": "most prediction RPCs in flight over all connections; beyond this "
+    "new calls get RESOURCE_EXHAUSTED at once",
+    "max_inflight_bytes": "most request bytes held by calls in flight; beyond this new calls "
+    "get RESOURCE_EXHAUSTED",
     "poll_seconds": "how often the model folder is checked for new versions",
     "grace_seconds": "on SIGTERM, time allowed to finish accepted requests",
     "pre_stop_seconds": "on SIGTERM, time to keep serving after health turns NOT_SERVING",

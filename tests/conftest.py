@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -77,6 +77,7 @@ class ServerProcess:
     target: str
     metrics_url: str
     log_path: Path
+    ready_path: Path
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -88,7 +89,15 @@ class ServerProcess:
             return resp.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample on the metrics page (0 if absent)."""
+        """The value of one sample on the metrics page; a missing sample fails the test (a
+        renamed metric must not make an assertion about it pass vacuously)."""
+        value = self.metric_or_none(name, **labels)
+        if value is None:
+            raise AssertionError(f"no sample {name}{labels} on the metrics page")
+        return value
+
+    def metric_or_none(self, name: str, **labels: str) -> float | None:
+        """The value of one sample on the metrics page, or None when it is not there."""
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         for line in self.metrics().splitlines():
             if line.startswith("#"):
@@ -98,7 +107,11 @@ class ServerProcess:
             got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
             if base == name and got == want:
                 return float(value)
-        return 0.0
+        return None
+
+    def ready(self) -> dict[str, object]:
+        """What the server last wrote to its ready file."""
+        return read_ready(self.ready_path) or {}
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -106,34 +119,48 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout)
 
 
-_LISTEN = re.compile(r"on 127\.0\.0\.1:(\d+) .*metrics on 127\.0\.0\.1:(\d+)")
+def read_ready(path: Path) -> dict[str, object] | None:
+    """A ready file's JSON, or None before the server wrote one."""
+    try:
+        data: dict[str, object] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data
 
 
-def start_server(model_dir: Path, log_path: Path, *args: str, timeout: float = 90) -> ServerProcess:
-    """Start the real server on free loopback ports and wait until it listens."""
+def start_server(
+    model_dir: Path, log_path: Path, *args: str, timeout: float = 90, serving: bool = True,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:  # fmt: skip
+    """Start the real server on free loopback ports; wait until it listens (and, with
+    ``serving``, until it serves), as its ready file says."""
+    ready_path = log_path.with_suffix(".ready.json")
+    ready_path.unlink(missing_ok=True)
     log_file = open(log_path, "w")  # noqa: SIM115 - owned by the process for its lifetime
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "server", "--model-dir", str(model_dir),
             "--host", "127.0.0.1", "--port", "0",
             "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-            "--poll-seconds", "0.5", *args,
+            "--poll-seconds", "0.5", "--ready-file", str(ready_path), *args,
         ],
         cwd=ROOT,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )  # fmt: skip
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = _LISTEN.search(log_path.read_text())
-        if match:
+        ready = read_ready(ready_path)
+        if ready is not None and (ready["serving"] or not serving):
             return ServerProcess(
-                proc, f"127.0.0.1:{match[1]}", f"http://127.0.0.1:{match[2]}/metrics", log_path
-            )
+                proc, f"127.0.0.1:{ready['grpc_port']}",
+                f"http://127.0.0.1:{ready['metrics_port']}/metrics", log_path, ready_path,
+            )  # fmt: skip
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"server did not start in {timeout}s:\n{log_path.read_text()}")
 

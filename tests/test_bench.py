@@ -44,7 +44,8 @@ def test_bench_smoke_produces_table_json_and_plot(
     for figures in in_process.values():
         assert set(figures) == {"1", "32", "256", "1024"} and min(figures.values()) > 0
     assert set(data["ratios"]) == {
-        "batched_vs_best_echo_c16", "batched_vs_naive_c16", "batched_vs_naive_litert_c16",
-        "p50_c1_batched_over_naive", "p50_c1_batched_over_naive_litert",
-        "batch1024_vs_in_process_b1024",
+        "predict_c16_vs_echo_aio", "cpu_per_request_c16_vs_echo_aio", "p50_c1_vs_echo_aio",
+        "batched_vs_naive_litert_c16", "batched_vs_naive_c16", "batch1024_vs_in_process_b1024",
     }  # fmt: skip
+    for figures in data["servers"].values():
+        assert figures["rss_mb"] > 0 and figures["start_to_serving_s"] > 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import signal
 import threading
@@ -111,10 +110,8 @@ def test_hot_reload_under_traffic_rejects_bad_versions_and_loses_nothing(
         first_new = traffic.versions.index(3)
         assert set(traffic.versions[:first_new]) == {1}
         assert set(traffic.versions[first_new:]) == {3}  # switched once, never back
-        assert re.search(
-            r"model version 2 rejected, still serving 1: version 2: cannot load", srv.log()
-        )
         assert srv.metric("mnist_model_version") == 3
+        assert srv.metric("mnist_model_loads_total", result="failed") == 1  # v2 tried once
     finally:
         assert srv.stop() == 0
 
@@ -177,10 +174,9 @@ def test_sigterm_under_load_answers_every_accepted_request(
             assert _wait_for(lambda: probe.health() == "NOT_SERVING", timeout=5)
             assert probe.predict(mnist_test[0][0]).digit >= 0
         assert srv.proc.wait(30) == 0
-    log = srv.log()
-    answered = re.search(r"stopped; answered \d+ requests: (.*)", log)
-    assert answered, log[-2000:]
-    server_codes = {k: int(v) for k, v in (kv.split("=") for kv in answered[1].split(", "))}
+    final = srv.ready()
+    assert final["stopped"] is True, final
+    server_codes: dict[str, int] = final["answered"]  # type: ignore[assignment]
     # Every request the server took in was answered and reached the client: the server's
     # OK count equals the client's. Requests sent after the drain began were refused with an
     # explicit, retryable UNAVAILABLE ("shutting down", or connection refused once closed).

@@ -1,30 +1,80 @@
-"""The two model runtimes: LiteRT (the SavedModel compiled for XNNPACK) and TensorFlow."""
+"""The model runtimes: LiteRT from model.tflite (no TensorFlow), compiled at load, TensorFlow;
+the choice among them, and the checks every version passes before it serves."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from server.model import CPU, ModelLoadError, load_version
+from mnist_client import DigitClient
+from server.runtimes import litert, tensorflow
+from server.versions import ModelLoadError, load_version
+from tests.conftest import start_server
+
+NO_TENSORFLOW = '''
+import sys
+
+class _NoTensorFlow:
+    """Makes TensorFlow unimportable, as on a serving install without it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, _NoTensorFlow())
+'''
+
+
+def _copy_version(src: Path, dst_root: Path, version: int = 1) -> Path:
+    dst = dst_root / str(version)
+    shutil.copytree(src, dst)
+    return dst
 
 
 def test_litert_gives_the_savedmodels_probabilities(
     trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, _ = mnist_test
-    on_tf = load_version(trained_model_dir, 1, CPU, "tensorflow")
-    on_litert = load_version(trained_model_dir, 1, CPU, "litert", threads=2)
-    auto = load_version(trained_model_dir, 1, CPU, "auto")
-    assert (on_tf.runtime, on_litert.runtime, auto.runtime) == ("tensorflow", "litert", "litert")
+    on_tf = load_version(trained_model_dir, 1, "tensorflow")
+    on_litert = load_version(trained_model_dir, 1, "litert", threads=2, max_batch=256)
+    auto = load_version(trained_model_dir, 1, "auto")
+    assert (on_tf.runtime_name, on_litert.runtime_name, auto.runtime_name) == (
+        "tensorflow", "litert", "litert",
+    )  # fmt: skip
+    assert on_litert.runtime.source == "model.tflite"
     expected = on_tf.predict(x)
-    # batch sizes change from call to call, as they do under the batcher
-    for start, stop in ((0, 1), (1, 257), (257, 264), (264, 2000), (0, 1)):
+    # batch sizes change from call to call, as under the batcher: padded buckets, and more
+    # images than the largest bucket holds
+    for start, stop in ((0, 1), (1, 257), (257, 264), (264, 2000), (0, 1), (5, 8)):
         got = on_litert.predict(x[start:stop])
         assert got.shape == (stop - start, 10) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected[start:stop], atol=1e-5)
+    strided = np.lib.stride_tricks.as_strided(x[:40], shape=(20, 28, 28), strides=(1568, 28, 1))
+    np.testing.assert_allclose(on_litert.predict(strided), on_tf.predict(strided), atol=1e-5)
+
+
+def test_a_version_without_model_tflite_is_compiled_where_tensorflow_is_installed(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    (_copy_version(trained_model_dir / "1", tmp_path) / "model.tflite").unlink()
+    model = load_version(tmp_path, 1, "litert")
+    assert model.runtime.source == litert.COMPILED
+
+
+def test_without_tensorflow_such_a_version_is_refused_with_a_fix(
+    trained_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (_copy_version(trained_model_dir / "1", tmp_path) / "model.tflite").unlink()
+    monkeypatch.setattr(tensorflow, "available", lambda: False)
+    for runtime in ("litert", "auto"):
+        with pytest.raises(ModelLoadError, match=r"no model\.tflite.*re-export the version"):
+            load_version(tmp_path, 1, runtime)
 
 
 def test_without_litert_auto_falls_back_and_litert_refuses(
@@ -33,13 +83,59 @@ def test_without_litert_auto_falls_back_and_litert_refuses(
     # as on a platform with no ai-edge-litert wheel: importing it fails
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
-    model = load_version(trained_model_dir, 1, CPU, "auto")
-    assert model.runtime == "tensorflow"
+    model = load_version(trained_model_dir, 1, "auto")
+    assert model.runtime_name == "tensorflow"
     assert model.predict(np.zeros((3, 28, 28), np.uint8)).shape == (3, 10)
-    with pytest.raises(ModelLoadError, match="version 1: LiteRT: ai-edge-litert is not installed"):
-        load_version(trained_model_dir, 1, CPU, "litert")
+    with pytest.raises(ModelLoadError, match="version 1: litert: ai-edge-litert is not installed"):
+        load_version(trained_model_dir, 1, "litert")
 
 
 def test_unknown_runtime_is_refused(trained_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="runtime 'onnx'"):
-        load_version(trained_model_dir, 1, CPU, "onnx")
+        load_version(trained_model_dir, 1, "onnx")
+
+
+def test_a_model_file_that_is_not_the_exported_one_is_refused(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    version = _copy_version(trained_model_dir / "1", tmp_path)
+    tflite = version / "model.tflite"
+    tflite.write_bytes(tflite.read_bytes() + b"\0")  # same model, different bytes
+    with pytest.raises(ModelLoadError, match=r"model\.tflite does not match the sha256"):
+        load_version(tmp_path, 1, "litert")
+
+
+def test_metadata_of_another_contract_is_refused(trained_model_dir: Path, tmp_path: Path) -> None:
+    version = _copy_version(trained_model_dir / "1", tmp_path)
+    meta = json.loads((version / "metadata.json").read_text())
+    meta["signature"]["inputs"]["images"]["shape"] = [-1, 32, 32]
+    (version / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="differs from this server's contract"):
+        load_version(tmp_path, 1, "auto")
+
+
+def test_the_server_serves_without_tensorflow(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    models = tmp_path / "models"
+    _copy_version(trained_model_dir / "1", models, 1)
+    (_copy_version(trained_model_dir / "1", models, 2) / "model.tflite").unlink()
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    srv = start_server(models, tmp_path / "server.log", env=env)
+    try:
+        with DigitClient(srv.target) as client:
+            info = client.model_info()
+            digits = client.batch_predict(mnist_test[0][:100]).digits
+        assert (info.model_version, info.runtime) == (1, "litert")
+        # version 2 has no model.tflite and nothing here can compile it: refused, with a fix
+        assert info.last_failed_version == 2 and "re-export the version" in info.last_failure
+        assert (digits == mnist_test[1][:100]).mean() > 0.8
+        maps = Path(f"/proc/{srv.proc.pid}/maps").read_text()
+        assert "tensorflow" not in maps, "a TensorFlow library is loaded in the server"
+    finally:
+        assert srv.stop() == 0

@@ -56,27 +56,6 @@ def test_model_agrees_with_labels_on_real_digits(
     assert (batch.digits == y).mean() > 0.85  # 2 epochs on 6k images: ~90%
 
 
-def test_concurrent_callers_share_model_calls(
-    server: ServerProcess, mnist_test: tuple[np.ndarray, np.ndarray]
-) -> None:
-    x, _ = mnist_test
-    calls_before = server.metric("mnist_batch_size_images_count")
-    images_before = server.metric("mnist_batch_size_images_sum")
-    n = 200
-
-    async def burst() -> list[int]:
-        async with AsyncDigitClient(server.target) as client:
-            preds = await asyncio.gather(*(client.predict(x[i]) for i in range(n)))
-        return [p.digit for p in preds]
-
-    digits = asyncio.run(burst())
-    assert len(digits) == n
-    calls = server.metric("mnist_batch_size_images_count") - calls_before
-    images = server.metric("mnist_batch_size_images_sum") - images_before
-    assert images == n
-    assert calls < n / 2, f"{n} concurrent requests took {calls} model calls"
-
-
 def test_large_batch_is_split_and_kept_in_order(
     server: ServerProcess, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -113,6 +92,10 @@ BAD_REQUESTS = [
     ("Predict", b"\x08\x05", INVALID, "image (field 1) has the wrong type"),
     ("Predict", b"\x78\x01", INVALID, "unknown field number 15"),
     ("Predict", b"\x0a\xff\xff", INVALID, "not a valid mnist.v1.PredictRequest"),
+    ("Predict", (b"\x0a\x90\x06" + bytes(784)) * 2, INVALID, "image (field 1) appears more"),
+    ("GetModelInfo", b"\x08\x01", INVALID, "unknown field number 1 in GetModelInfoRequest"),
+    ("BatchPredict", _batch(784, 784) + b"\x12\x00", INVALID, "unknown field number 2"),
+    ("BatchPredict", b"\x0a\x00" * 1000, INVALID, "images[0] has 0 bytes"),
     ("BatchPredict", b"\x0a\x05ab", grpc.StatusCode.INVALID_ARGUMENT, "not a valid"),
     ("BatchPredict", bytes(12000 * 790), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
 ]  # fmt: skip
@@ -141,12 +124,6 @@ def test_rejected_requests_are_counted_by_code(server: ServerProcess) -> None:
     assert server.metric("mnist_requests_total", method="Predict", code="INVALID_ARGUMENT") >= 1
 
 
-def test_client_deadline_is_honoured(server: ServerProcess) -> None:
-    with DigitClient(server.target) as client, pytest.raises(grpc.RpcError) as info:
-        client.batch_predict(np.zeros((4096, 28, 28), np.uint8), timeout=0.0005)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-
-
 def test_health_and_model_info(server: ServerProcess) -> None:
     with DigitClient(server.target) as client:
         assert client.health() == "SERVING"
@@ -157,7 +134,7 @@ def test_health_and_model_info(server: ServerProcess) -> None:
     assert info.architecture == "mlp"
     assert 0.8 < info.test_accuracy <= 1.0
     assert info.input_shape == (-1, 28, 28) and info.input_dtype == "uint8"
-    assert "CPU" in info.device
+    assert info.device == "cpu"
     assert info.runtime == "litert"  # runtime auto on a CPU
     assert info.batching["max_batch_size"] == 256
     assert info.metadata["version"] == 1
@@ -187,11 +164,11 @@ def test_metrics_page_has_every_metric(server: ServerProcess) -> None:
         'mnist_requests_total{code="OK",method="Predict"}',
         'mnist_images_total{code="OK",method="Predict"}',
         "mnist_batch_queue_seconds_bucket",
-        'mnist_model_compute_seconds_bucket{device="/device:CPU:0"',
+        'mnist_model_compute_seconds_bucket{device="cpu"',
         "mnist_batch_size_images_bucket",
         "mnist_queue_images",
         "mnist_inflight_requests",
-        'mnist_model_info{architecture="mlp",device="/device:CPU:0",runtime="litert",version="1"}',
+        'mnist_model_info{architecture="mlp",device="cpu",runtime="litert",version="1"} 1.0',
         "mnist_model_version 1.0",
         "mnist_serving 1.0",
     ):
@@ -257,7 +234,7 @@ def test_server_without_a_model_is_unavailable_then_loads_one(
 ) -> None:
     empty = tmp_path / "models"
     empty.mkdir()
-    srv = start_server(empty, tmp_path / "server.log")
+    srv = start_server(empty, tmp_path / "server.log", serving=False)
     try:
         with DigitClient(srv.target, timeout=5) as client:
             assert client.health() == "NOT_SERVING"

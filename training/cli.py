@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -70,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
+    if importlib.util.find_spec("tensorflow") is None:
+        print("error: training needs TensorFlow: pip install 'mnist-serving[train]'",
+              file=sys.stderr)  # fmt: skip
+        return 1
     from training.pipeline import TrainConfig, train
 
     config = TrainConfig(

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
+from mnist_client.contract import IMAGE_SHAPE, NUM_CLASSES
+
 _UBYTE = 0x08
 _IMAGES_NDIM = 3
 _LABELS_NDIM = 1

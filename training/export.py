@@ -1,13 +1,13 @@
 """Versioned export: ``MODEL_DIR/N/`` written under a temporary name, then renamed into place.
 
-A version folder holds the SavedModel (``serving_default``: uint8 ``images [None, 28, 28]`` ->
-float32 ``probabilities [None, 10]``), ``metadata.json``, ``golden.npz`` (a few test images the
-server re-checks before it serves the version), the best Keras checkpoint and ``report/``.
-
 Everything is written into ``MODEL_DIR/.tmp-<random>/``; the version number is claimed with an
 atomic ``mkdir MODEL_DIR/N`` (so two trainers never take the same number and an existing
 version is never overwritten), and the finished folder is renamed onto that empty claim. A
 watcher therefore sees either nothing, an empty folder, or a complete version.
+
+This module touches only the file system (no TensorFlow), so the command line can report a
+bad model directory before importing TensorFlow; :mod:`training.artifacts` writes the model
+files themselves.
 """
 
 from __future__ import annotations
@@ -17,16 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import keras
-import tensorflow as tf
-
-from training.data import IMAGE_SHAPE
-
-SIGNATURE = "serving_default"
-
 
 class ExportError(Exception):
-    """The model directory or version cannot be written; the message names the path."""
+    """The model directory or version cannot be written, or an exported model file fails its
+    check; the message names the path or the file."""
 
 
 def existing_versions(model_dir: Path) -> list[int]:
@@ -45,18 +39,6 @@ def make_staging_dir(model_dir: Path) -> Path:
         return staging
     except OSError as err:
         raise ExportError(f"{model_dir}: cannot create model directory ({err.strerror})") from None
-
-
-def save_serving_model(model: keras.Model, path: Path) -> None:
-    """Write ``model`` as a SavedModel whose serving signature takes raw uint8 images."""
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name=SIGNATURE,
-        fn=lambda images: {"probabilities": model(images, training=False)},
-        input_signature=[tf.TensorSpec(shape=(None, *IMAGE_SHAPE), dtype=tf.uint8, name="images")],
-    )
-    archive.write_out(str(path), verbose=False)
 
 
 def claim_version(model_dir: Path, version: int | None) -> int:

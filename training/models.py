@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers, regularizers
 
-from training.data import IMAGE_SHAPE, NUM_CLASSES
+from mnist_client.contract import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ArchSpec:
 
 
 def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
-    inputs = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="images")
+    inputs = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name=INPUT_NAME)
     scaled = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
     return inputs, scaled
 
@@ -40,7 +40,7 @@ def build_mlp(steps_per_epoch: int, epochs: int) -> keras.Model:
     x = layers.Flatten()(x)
     x = layers.Dense(128, activation="relu")(x)
     x = layers.Dropout(0.2)(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name=OUTPUT_NAME)(x)
     model = keras.Model(inputs, outputs, name="mlp")
     model.compile(
         optimizer=keras.optimizers.Adam(),
@@ -61,7 +61,7 @@ def build_mlp50(steps_per_epoch: int, epochs: int) -> keras.Model:
     x = layers.Flatten()(x)
     x = layers.Dense(50, activation="sigmoid", kernel_regularizer=l2)(x)
     outputs = layers.Dense(
-        NUM_CLASSES, activation="softmax", kernel_regularizer=l2, name="probabilities"
+        NUM_CLASSES, activation="softmax", kernel_regularizer=l2, name=OUTPUT_NAME
     )(x)
     model = keras.Model(inputs, outputs, name="mlp50")
     schedule = keras.optimizers.schedules.InverseTimeDecay(
@@ -97,7 +97,7 @@ def build_cnn(steps_per_epoch: int, epochs: int) -> keras.Model:
     x = layers.Dropout(0.3)(x)
     x = layers.Dense(128, activation="relu")(x)
     x = layers.Dropout(0.3)(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name=OUTPUT_NAME)(x)
     model = keras.Model(inputs, outputs, name="cnn")
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=2e-3, decay_steps=max(1, steps_per_epoch * epochs), alpha=0.01

@@ -1,4 +1,9 @@
-"""The training run: data -> model -> fit -> evaluate -> export a new version with its report."""
+"""The training run: data -> model -> fit -> evaluate -> export a new version with its report.
+
+``train`` reads as the run does: fit (``_fit``), evaluate, then write the version
+(``_write_version``: model files checked against each other, report, golden images,
+metadata) and publish it with one rename.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mnist_client.contract import GOLDEN_FILE, METADATA_FILE, signature_block
 from training import export
+from training.artifacts import write_model_files
 from training.data import Mnist
-from training.models import ARCHITECTURES
-from training.report import evaluate, write_report
+from training.models import ARCHITECTURES, ArchSpec
+from training.report import Evaluation, evaluate, write_report
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,116 @@ def _versions() -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class _Fitted:
+    model: keras.Model
+    history: dict[str, list[float]]
+    train_seconds: float
+    replicas: int
+    global_batch: int
+    epochs: int
+    train_images: int
+    validation_images: int
+
+
+def _fit(config: TrainConfig, spec: ArchSpec, data: Mnist, staging: Path) -> _Fitted:
+    """Build the architecture under the configured strategy and fit it (early stopping,
+    best weights restored, best checkpoint kept in ``staging/checkpoint/``)."""
+    epochs = config.epochs or spec.epochs
+    x_train, y_train, x_val, y_val = _split(data, config.validation_split, config.seed)
+    strategy = make_strategy(config.strategy)
+    global_batch = (config.batch_size or spec.batch_size) * strategy.num_replicas_in_sync
+    steps_per_epoch = int(np.ceil(len(x_train) / global_batch))
+    with strategy.scope():
+        model = spec.build(steps_per_epoch, epochs)
+    checkpoint = staging / "checkpoint" / "best.keras"
+    checkpoint.parent.mkdir()
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=spec.patience, restore_best_weights=True
+        ),
+        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True),
+    ]
+    log.info(
+        "training %s (%d parameters) on %d images, validating on %d, %d epochs max, "
+        "batch %d, strategy %s (%d replicas)",
+        config.arch, model.count_params(), len(x_train), len(x_val), epochs, global_batch,
+        config.strategy, strategy.num_replicas_in_sync,
+    )  # fmt: skip
+    started = time.perf_counter()
+    history = model.fit(
+        x_train,
+        y_train,
+        batch_size=global_batch,
+        epochs=epochs,
+        validation_data=(x_val, y_val),
+        callbacks=callbacks,
+        verbose=config.verbose,
+    )
+    return _Fitted(
+        model, history.history, time.perf_counter() - started, strategy.num_replicas_in_sync,
+        global_batch, epochs, len(x_train), len(x_val),
+    )  # fmt: skip
+
+
+def _metadata(
+    config: TrainConfig, spec: ArchSpec, fitted: _Fitted, ev: Evaluation, data: Mnist
+) -> dict[str, Any]:
+    per_class = ev.per_class()
+    return {
+        "architecture": config.arch,
+        "description": spec.description,
+        "parameters": int(fitted.model.count_params()),
+        "test_accuracy": round(ev.accuracy, 6),
+        "test_loss": round(ev.loss, 6),
+        "per_class": {
+            d: {k: round(per_class[d][k], 6) for k in ("precision", "recall", "f1-score")}
+            for d in map(str, range(10))
+        },
+        "train_seconds": round(fitted.train_seconds, 2),
+        "epochs_run": len(fitted.history["loss"]),
+        "epochs_max": fitted.epochs,
+        "batch_size": fitted.global_batch,
+        "seed": config.seed,
+        "strategy": config.strategy,
+        "replicas": fitted.replicas,
+        "train_images": fitted.train_images,
+        "validation_images": fitted.validation_images,
+        "test_images": len(data.x_test),
+        "best_val_loss": round(float(min(fitted.history["val_loss"])), 6),
+        "dataset": {"source": data.source, "sha256": data.checksums},
+        "golden_min_accuracy": 1.0,
+        "signature": signature_block(),
+        "versions": _versions(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _write_version(
+    config: TrainConfig, spec: ArchSpec, fitted: _Fitted, ev: Evaluation, data: Mnist,
+    staging: Path,
+) -> tuple[int, Path, dict[str, Any]]:  # fmt: skip
+    """Model files, report, golden images and metadata into ``staging``; then publish it."""
+    # images the model gets right, so the server can re-check the exported files on load
+    right = np.flatnonzero(ev.predicted == ev.labels)[:GOLDEN_IMAGES]
+    golden_images = data.x_test[right]
+    metadata = _metadata(config, spec, fitted, ev, data)
+    metadata["exports"] = write_model_files(fitted.model, staging, golden_images)
+    title = f"{config.arch}, test accuracy {ev.accuracy:.4f}"
+    write_report(staging / "report", fitted.history, ev, data.x_test, title)
+    np.savez_compressed(staging / GOLDEN_FILE, images=golden_images, labels=data.y_test[right])
+    claimed = config.model_dir / str(export.claim_version(config.model_dir, config.version))
+    try:
+        version = int(claimed.name)
+        metadata["version"] = version
+        metadata["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        return version, export.publish(staging, config.model_dir, version), metadata
+    except BaseException:
+        export.discard(claimed)
+        raise
+
+
 def train(config: TrainConfig, data: Mnist) -> TrainResult:
     """Train ``config.arch`` on ``data``, evaluate on its test set, export a new version.
 
@@ -106,108 +223,20 @@ def train(config: TrainConfig, data: Mnist) -> TrainResult:
     hidden staging folder that is removed on error.
     """
     spec = ARCHITECTURES[config.arch]
-    epochs = config.epochs or spec.epochs
-    batch_size = config.batch_size or spec.batch_size
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-
-    x_train, y_train, x_val, y_val = _split(data, config.validation_split, config.seed)
-    strategy = make_strategy(config.strategy)
-    global_batch = batch_size * strategy.num_replicas_in_sync
-    steps_per_epoch = int(np.ceil(len(x_train) / global_batch))
-
     staging = export.make_staging_dir(config.model_dir)
-    claimed: Path | None = None
     try:
-        with strategy.scope():
-            model = spec.build(steps_per_epoch, epochs)
-        checkpoint = staging / "checkpoint" / "best.keras"
-        checkpoint.parent.mkdir()
-        callbacks = [
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=spec.patience, restore_best_weights=True
-            ),
-            keras.callbacks.ModelCheckpoint(
-                str(checkpoint), monitor="val_loss", save_best_only=True
-            ),
-        ]
-        log.info(
-            "training %s (%d parameters) on %d images, validating on %d, %d epochs max, "
-            "batch %d, strategy %s (%d replicas)",
-            config.arch, model.count_params(), len(x_train), len(x_val), epochs, global_batch,
-            config.strategy, strategy.num_replicas_in_sync,
-        )  # fmt: skip
-        started = time.perf_counter()
-        history = model.fit(
-            x_train,
-            y_train,
-            batch_size=global_batch,
-            epochs=epochs,
-            validation_data=(x_val, y_val),
-            callbacks=callbacks,
-            verbose=config.verbose,
-        )
-        train_seconds = time.perf_counter() - started
-        epochs_run = len(history.history["loss"])
-
-        probs = model.predict(data.x_test, batch_size=1024, verbose=0)
-        ev = evaluate(probs, data.y_test)
-        title = f"{config.arch}, test accuracy {ev.accuracy:.4f}"
+        fitted = _fit(config, spec, data, staging)
+        ev = evaluate(fitted.model.predict(data.x_test, batch_size=1024, verbose=0), data.y_test)
+        epochs_run = len(fitted.history["loss"])
         if not is_chief():  # workers train in lockstep; only the chief writes a version
             export.discard(staging)
-            return TrainResult(0, staging, ev.accuracy, ev.loss, epochs_run, train_seconds,
-                               staging, {})  # fmt: skip
-
-        export.save_serving_model(model, staging)
-        write_report(staging / "report", history.history, ev, data.x_test, title)
-        # images the model gets right, so the server can re-check the exported graph on load
-        right = np.flatnonzero(ev.predicted == ev.labels)[:GOLDEN_IMAGES]
-        np.savez_compressed(
-            staging / "golden.npz", images=data.x_test[right], labels=data.y_test[right]
-        )
-        per_class = ev.per_class()
-        metadata: dict[str, Any] = {
-            "architecture": config.arch,
-            "description": spec.description,
-            "parameters": int(model.count_params()),
-            "test_accuracy": round(ev.accuracy, 6),
-            "test_loss": round(ev.loss, 6),
-            "per_class": {
-                d: {k: round(per_class[d][k], 6) for k in ("precision", "recall", "f1-score")}
-                for d in map(str, range(10))
-            },
-            "train_seconds": round(train_seconds, 2),
-            "epochs_run": epochs_run,
-            "epochs_max": epochs,
-            "batch_size": global_batch,
-            "seed": config.seed,
-            "strategy": config.strategy,
-            "replicas": strategy.num_replicas_in_sync,
-            "train_images": len(x_train),
-            "validation_images": len(x_val),
-            "test_images": len(data.x_test),
-            "best_val_loss": round(float(min(history.history["val_loss"])), 6),
-            "dataset": {"source": data.source, "sha256": data.checksums},
-            "golden_min_accuracy": 1.0,
-            "signature": {
-                "name": export.SIGNATURE,
-                "inputs": {"images": {"dtype": "uint8", "shape": [-1, 28, 28]}},
-                "outputs": {"probabilities": {"dtype": "float32", "shape": [-1, 10]}},
-            },
-            "versions": _versions(),
-            "command": " ".join(sys.argv),
-        }
-        claimed = config.model_dir / str(export.claim_version(config.model_dir, config.version))
-        version = int(claimed.name)
-        metadata["version"] = version
-        metadata["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        final = export.publish(staging, config.model_dir, version)
-        claimed = None
-        return TrainResult(version, final, ev.accuracy, ev.loss, epochs_run, train_seconds,
-                           final / "report", metadata)  # fmt: skip
+            return TrainResult(0, staging, ev.accuracy, ev.loss, epochs_run,
+                               fitted.train_seconds, staging, {})  # fmt: skip
+        version, final, metadata = _write_version(config, spec, fitted, ev, data, staging)
+        return TrainResult(version, final, ev.accuracy, ev.loss, epochs_run,
+                           fitted.train_seconds, final / "report", metadata)  # fmt: skip
     except BaseException:
         export.discard(staging)
-        if claimed is not None:
-            export.discard(claimed)
         raise

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_SIDE = 28
-IMAGE_BYTES = IMAGE_SIDE * IMAGE_SIDE
+from mnist_client.contract import IMAGE_BYTES, IMAGE_SIDE
+
 _DIGIT_BOX = 20
 
 

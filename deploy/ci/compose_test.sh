@@ -65,13 +65,21 @@ export MNIST_DATA="${MNIST_DATA_DIR:-$ROOT/../shared/data/mnist}"
 docker-compose -f docker-compose.yml config >$D/merged.yml
 python3 deploy/ci/hostnet.py <$D/merged.yml >$D/compose.yml
 
-ts "build image"
-docker-compose "${C[@]}" build trainer >$D/build.log 2>&1 || { tail -40 $D/build.log; exit 1; }
-docker image ls mnist-serving:latest --format 'image {{.Repository}}:{{.Tag}} {{.Size}}'
-if docker run --rm --entrypoint sh mnist-serving:latest -c 'command -v gcc cc' ; then
-    echo "FAIL: build tools in the final image"; exit 1
+ts "build images (serve, train)"
+docker-compose "${C[@]}" build server trainer >$D/build.log 2>&1 || { tail -40 $D/build.log; exit 1; }
+for image in mnist-serving:latest mnist-serving-train:latest; do
+    docker image ls $image --format 'image {{.Repository}}:{{.Tag}} {{.Size}}'
+    if docker run --rm --entrypoint sh $image -c 'command -v gcc cc' ; then
+        echo "FAIL: build tools in $image"; exit 1
+    fi
+    [ "$(docker run --rm --entrypoint id $image -u)" != 0 ] || { echo "FAIL: $image runs as root"; exit 1; }
+done
+serve_mb=$(( $(docker image inspect mnist-serving:latest --format '{{.Size}}') / 1000000 ))
+echo "serving image: ${serve_mb} MB"
+[ "$serve_mb" -le 300 ] || { echo "FAIL: the serving image is over 300 MB"; exit 1; }
+if docker run --rm --entrypoint python mnist-serving:latest -c 'import tensorflow' 2>/dev/null; then
+    echo "FAIL: TensorFlow in the serving image"; exit 1
 fi
-[ "$(docker run --rm --entrypoint id mnist-serving:latest -u)" != 0 ] || { echo "FAIL: runs as root"; exit 1; }
 
 ts "compose up (trainer, server, prometheus)"
 docker-compose "${C[@]}" up -d trainer server prometheus >$D/up.log 2>&1 || { cat $D/up.log; exit 1; }

@@ -1,0 +1,156 @@
+"""The servers the benchmark measures, started as separate processes on 127.0.0.1.
+
+Each target writes a ready file (JSON with its ports, and ``serving``) that is read here;
+no log line is parsed. Our server also reports, through its metrics page, the counters the
+benchmark checks answers with (h2load counts HTTP 200 even for gRPC errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    command: list[str]  # without --ready-file, which start() adds
+    ours: bool  # our server (has metrics and BatchPredict)
+
+
+@dataclass
+class Running:
+    target: Target
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int | None
+    log: Path
+    start_to_serving_s: float
+    model_load_s: float | None
+
+
+def our_server(model_dir: Path, *extra: str) -> list[str]:
+    """The command line of our server on free loopback ports."""
+    return [
+        sys.executable, "-m", "server", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+        "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--max-queue-images", "65536", *extra,
+    ]  # fmt: skip
+
+
+def targets(model_dir: Path, sweep: bool, with_tensorflow: bool) -> list[Target]:
+    """Every target: the bare-gRPC ceilings, naive modes and our server (``sweep``: variants)."""
+    py = sys.executable
+    out = [
+        Target("echo-sync", [py, "-m", "bench.echo_server", "--flavour", "sync"], False),
+        Target("echo-aio", [py, "-m", "bench.echo_server", "--flavour", "aio"], False),
+        # one call per request on our default runtime: what batching alone buys
+        Target("naive-litert", our_server(model_dir, "--max-batch-size", "1"), True),
+        Target("batched", our_server(model_dir), True),
+    ]
+    if with_tensorflow:  # the tutorial server: one SavedModel call per request
+        out.insert(2, Target(
+            "naive", our_server(model_dir, "--max-batch-size", "1", "--runtime", "tensorflow"),
+            True,
+        ))  # fmt: skip
+    if sweep:
+        out += [
+            Target("batched-b32", our_server(model_dir, "--max-batch-size", "32"), True),
+            Target("batched-t2ms", our_server(model_dir, "--batch-timeout-ms", "2"), True),
+        ]
+    return out
+
+
+def read_ready_file(path: Path) -> dict[str, Any] | None:
+    """The JSON a server wrote to its ready file, or None before it wrote one."""
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data
+
+
+def start(target: Target, workdir: Path, timeout: float = 120) -> Running:
+    """Start ``target`` and wait until it serves."""
+    log = workdir / f"{target.name}.log"
+    ready_file = workdir / f"{target.name}.ready.json"
+    ready_file.unlink(missing_ok=True)
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*target.command, "--ready-file", str(ready_file)], stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = read_ready_file(ready_file)
+        if ready and ready.get("serving"):
+            return Running(
+                target, proc, int(ready["grpc_port"]), ready.get("metrics_port"), log,
+                time.perf_counter() - started, ready.get("model_load_seconds"),
+            )  # fmt: skip
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target.name} exited:\n{log.read_text()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError(f"{target.name} did not start in {timeout}s")
+
+
+def stop(running: Running) -> None:
+    if running.proc.poll() is None:
+        running.proc.send_signal(signal.SIGTERM)
+        try:
+            running.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The few counters the benchmark needs from our server's metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {"ok": 0.0, "err": 0.0, "cancelled": 0.0, "batches": 0.0, "batched_images": 0.0,
+           "busy": 0.0}  # fmt: skip
+    for line in text.splitlines():
+        if line.startswith("mnist_requests_total{"):
+            # h2load cancels the requests in flight when its time is up: not server errors
+            key = "ok" if 'code="OK"' in line else "cancelled" if "CANCELLED" in line else "err"
+            out[key] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mnist_batch_size_images_count "):
+            out["batches"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mnist_batch_size_images_sum "):
+            out["batched_images"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("mnist_queue_images ", "mnist_inflight_requests{")):
+            out["busy"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def settle(running: Running, timeout: float = 60.0) -> None:
+    """Wait until the server has nothing queued or in flight (h2load's cancelled leftovers)."""
+    if not running.metrics_port:
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and scrape(running.metrics_port)["busy"]:
+        time.sleep(0.2)

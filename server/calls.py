@@ -1,0 +1,81 @@
+"""The RPC lifecycle's own counts: admission, calls in flight, answers given, and the drain.
+
+Every prediction call passes :meth:`CallTracker.admit` the moment it arrives, before its body
+is read: past ``max_calls`` calls in flight, or once the server is draining, it is refused at
+once (RESOURCE_EXHAUSTED, UNAVAILABLE) instead of waiting inside gRPC and the event loop.
+Once read, its body is charged against ``max_bytes``; a call that would exceed the budget is
+refused and its bytes freed. So the memory held by accepted calls is bounded however many
+clients connect, and overload turns into fast refusals, not latency.
+
+The drain reads these counts, never the metrics: metrics observe the server, this steers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from server.errors import ResourceExhausted, Unavailable
+
+
+class CallTracker:
+    """Counts of calls by method: in flight now, answered so far by status code."""
+
+    def __init__(self, max_calls: int, max_bytes: int) -> None:
+        self.max_calls = max_calls
+        self.max_bytes = max_bytes
+        self.active = 0
+        self.active_by_method: collections.Counter[str] = collections.Counter()
+        self.bytes = 0
+        self.answered: collections.Counter[str] = collections.Counter()  # by status code name
+        self.draining = False
+        self._idle: asyncio.Event | None = None  # set when active drops to 0 while draining
+
+    def admit(self, method: str) -> None:
+        """Take a call in, or refuse it at once. Every admitted call must :meth:`finish`."""
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
+        if self.active >= self.max_calls:
+            raise ResourceExhausted(
+                f"server overloaded: {self.active} calls in flight, limit {self.max_calls}; "
+                "retry later"
+            )
+        self.active += 1
+        self.active_by_method[method] += 1
+
+    def charge(self, size: int) -> None:
+        """Count ``size`` request bytes against the budget, or refuse them."""
+        if self.bytes + size > self.max_bytes:
+            raise ResourceExhausted(
+                f"server overloaded: {self.bytes} request bytes in flight, limit "
+                f"{self.max_bytes}; retry later"
+            )
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        """Give back what :meth:`charge` took."""
+        self.bytes -= size
+
+    def finish(self, method: str, code: str, admitted: bool) -> None:
+        """Record one answered call (admitted or refused at the door)."""
+        self.answered[code] += 1
+        if admitted:
+            self.active -= 1
+            self.active_by_method[method] -= 1
+            if self.active == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls from now on and wait up to ``timeout`` s for those in flight.
+
+        Returns True when every call in flight finished in time.
+        """
+        self.draining = True
+        if self.active == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

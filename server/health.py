@@ -1,0 +1,84 @@
+"""Whether the server serves, told to everyone who asks: gRPC health, /readyz, the metrics,
+and the ready file.
+
+The server is SERVING when a model version is loaded and checked, the batcher's thread is
+alive, it is not draining, and (with ``--workers``) every worker serves. Anything else is
+NOT_SERVING. ``update()`` recomputes it from those facts and pushes the answer out; it is
+cheap and idempotent, so whoever changes one of the facts calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health, health_pb2
+
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def write_ready_file(path: Path, content: dict[str, Any]) -> None:
+    """Replace ``path`` with ``content`` as JSON, atomically (readers never see half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class Health:
+    """The serving state of one server process, and where it is published."""
+
+    def __init__(
+        self,
+        services: Sequence[str],
+        metrics: ServerMetrics,
+        conditions: Sequence[Callable[[], bool]],
+    ) -> None:
+        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._services = ["", *services]
+        self._metrics = metrics
+        self._conditions = list(conditions)
+        self.serving = False
+        self._published: bool | None = None
+        self._ready_file: Path | None = None
+        self._facts: Callable[[], dict[str, Any]] = dict
+
+    def add_condition(self, condition: Callable[[], bool]) -> None:
+        """One more thing that must hold for the server to be SERVING."""
+        self._conditions.append(condition)
+
+    def publish_to(self, ready_file: Path | None, facts: Callable[[], dict[str, Any]]) -> None:
+        """Also write the state to ``ready_file`` as JSON, with ``facts()`` (ports, version)."""
+        self._ready_file = ready_file
+        self._facts = facts
+
+    def write_final(self, **facts: Any) -> None:
+        """After the drain: the ready file says the process stopped, with ``facts``."""
+        if self._ready_file is not None:
+            content = {"pid": os.getpid(), **self._facts(), "serving": False, "stopped": True}
+            write_ready_file(self._ready_file, {**content, **facts})
+
+    async def update(self) -> bool:
+        """Recompute the state from the conditions and publish it if it changed."""
+        serving = all(condition() for condition in self._conditions)
+        self.serving = serving
+        if serving == self._published:
+            return serving
+        self._published = serving
+        self._metrics.serving.set(1 if serving else 0)
+        status = SERVING if serving else NOT_SERVING
+        for service in self._services:
+            await self.servicer.set(service, status)
+        if self._ready_file is not None:
+            facts = {"pid": os.getpid(), **self._facts(), "serving": serving}
+            write_ready_file(self._ready_file, facts)
+        log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        return serving

@@ -1,0 +1,76 @@
+"""Model runtimes, and the choice among them for ``--runtime``.
+
+A runtime turns a version folder into something that computes a batch (:class:`Runtime`):
+
+* ``litert``: ``model.tflite`` on the LiteRT interpreter, CPU; needs no TensorFlow.
+* ``tensorflow``: the SavedModel itself, on a GPU where TensorFlow sees one.
+
+``auto`` prefers LiteRT on a CPU and TensorFlow on a GPU, and falls back (with a warning) to
+the next runtime that is installed and can read the version. Adding a runtime: a module here
+with ``NAME``, ``available()`` and a loader returning a :class:`Runtime`, one entry in
+:data:`RUNTIMES` and in :func:`load_runtime`; the version checks in ``server.verify`` apply to
+it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from server.runtimes import litert, tensorflow
+from server.runtimes.base import Runtime, RuntimeUnusable
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", litert.NAME, tensorflow.NAME)
+_MODULES = {litert.NAME: litert, tensorflow.NAME: tensorflow}
+
+__all__ = ["RUNTIMES", "Runtime", "RuntimeUnusable", "gpu_visible", "load_runtime"]
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is present, checked without importing any framework."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+def _order(setting: str) -> list[str]:
+    if setting != "auto":
+        return [setting]
+    if gpu_visible():
+        return [tensorflow.NAME, litert.NAME]
+    return [litert.NAME, tensorflow.NAME]
+
+
+def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) -> Runtime:
+    """Load ``version_dir`` on the runtime ``setting`` names (or the best one, for ``auto``).
+
+    Raises:
+        RuntimeUnusable: no runtime could load it; the message names each one's reason.
+    """
+    if setting not in RUNTIMES:
+        raise ValueError(f"runtime {setting!r} is not one of {RUNTIMES}")
+    reasons = []
+    order = _order(setting)
+    for name in order:
+        if setting == "auto" and not _MODULES[name].available():
+            reasons.append(f"{name}: not installed")
+            continue
+        try:
+            runtime = _load(name, version_dir, threads, max_batch)
+        except RuntimeUnusable as err:
+            reasons.append(f"{name}: {err}")
+            continue
+        if reasons:
+            log.warning("%s served by %s: %s", version_dir, name, "; ".join(reasons))
+        return runtime
+    raise RuntimeUnusable("; ".join(reasons))
+
+
+def _load(name: str, version_dir: Path, threads: int, max_batch: int) -> Runtime:
+    if name == litert.NAME:
+        return litert.load(
+            version_dir, threads, max_batch, compile_if_missing=tensorflow.available()
+        )
+    tensorflow.configure_threads(threads)
+    return tensorflow.load(version_dir)

@@ -1,0 +1,144 @@
+"""Model versions on disk: which exist, and loading one into a checked, warmed-up model.
+
+A model directory holds integer versions (``MODEL_DIR/1/``, ``MODEL_DIR/2/``, ...) as the
+contract in :mod:`mnist_client.contract` describes. Other names (``.tmp-*`` folders of a
+version being written, a version folder that has no model file yet) are ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_client.contract import METADATA_FILE, MODEL_FILES, ContractError, check_metadata
+from server.runtimes import Runtime, RuntimeUnusable, load_runtime
+from server.runtimes import litert as litert_runtime
+from server.verify import CheckFailed, Probes, check_outputs, check_same_answers
+
+log = logging.getLogger(__name__)
+
+EXPORTS_KEY = "exports"  # metadata: {file name: {"sha256": ..., "max_abs_diff": ...}}
+
+
+class ModelLoadError(Exception):
+    """A version cannot be loaded, or fails its checks; the message says why (one line)."""
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Complete versions in ``model_dir``, ascending (a version is a folder with a model file)."""
+    if not model_dir.is_dir():
+        return []
+    versions = []
+    for child in model_dir.iterdir():
+        if child.name.isdigit() and any((child / f).is_file() for f in MODEL_FILES):
+            versions.append(int(child.name))
+    return sorted(versions)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """A version's ``metadata.json`` (empty when absent), checked against the contract."""
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        return {}
+    try:
+        data = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{meta_path}: unreadable metadata ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{meta_path}: metadata is not a JSON object")
+    try:
+        check_metadata(data)
+    except ContractError as err:
+        raise ModelLoadError(f"{meta_path}: {err}") from None
+    return data
+
+
+@dataclass
+class LoadedModel:
+    """One loaded, warmed-up and checked model version, ready to be called on batches."""
+
+    version: int
+    path: Path
+    runtime: Runtime
+    metadata: dict[str, Any]
+    load_seconds: float = 0.0
+    loaded_at: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("architecture", "unknown"))
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.metadata.get("test_accuracy", 0.0))
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device
+
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities ``[N, 10]`` for uint8 images ``[N, 28, 28]``. Blocking."""
+        return self.runtime.predict(images)
+
+
+def load_version(
+    model_dir: Path, version: int, runtime: str = "auto", threads: int = 0, max_batch: int = 256
+) -> LoadedModel:
+    """Load ``model_dir/version`` on ``runtime``, check it, warm it up.
+
+    Raises:
+        ModelLoadError: the version is missing or broken, disagrees with the contract, its
+            model file does not match the checksum its metadata records, no runtime can
+            load it, or it fails a check in :mod:`server.verify`.
+    """
+    path = model_dir / str(version)
+    started = time.perf_counter()
+    try:
+        metadata = read_metadata(path)
+        loaded = load_runtime(runtime, path, threads, max_batch)
+        _check_checksum(path, loaded.source, metadata)
+        probes = Probes.for_version(path, _warmup_sizes(loaded))
+        if loaded.source == litert_runtime.COMPILED:
+            from server.runtimes import tensorflow
+
+            check_same_answers(loaded.predict, tensorflow.load(path).predict, probes)
+        check_outputs(loaded.predict, probes, float(metadata.get("golden_min_accuracy", 0.9)))
+    except (RuntimeUnusable, CheckFailed, ModelLoadError) as err:
+        raise ModelLoadError(f"version {version}: {err}") from err
+    model = LoadedModel(version, path, loaded, metadata, time.perf_counter() - started)
+    log.info(
+        "loaded model version %d (%s) on %s with %s (%s) in %.2fs",
+        version, model.architecture, model.device, loaded.name, loaded.source,
+        model.load_seconds,
+    )  # fmt: skip
+    return model
+
+
+def _warmup_sizes(runtime: Runtime) -> list[int]:
+    sizes: list[int] = list(getattr(runtime, "bucket_sizes", []))
+    # an odd size exercises padding; one past the largest bucket, splitting
+    extra = [7, sizes[-1] + 1] if sizes else [1, 2, 7, 32]
+    return sorted({*sizes, *extra})
+
+
+def _check_checksum(path: Path, source: str, metadata: dict[str, Any]) -> None:
+    recorded = metadata.get(EXPORTS_KEY, {}).get(source, {}).get("sha256")
+    if recorded is None:
+        return
+    actual = hashlib.sha256((path / source).read_bytes()).hexdigest()
+    if actual != recorded:
+        raise ModelLoadError(f"{source} does not match the sha256 in {METADATA_FILE}")

@@ -1,0 +1,289 @@
+"""The ``mnist.v1`` wire format on the request path: strict reading, direct writing.
+
+Requests are read straight from their bytes, without building protobuf objects, for two
+reasons:
+
+* **Hostile bodies.** The server refuses unknown fields and wrong wire types (gRPC's own
+  deserializer would keep unknown fields silently, or answer INTERNAL). protobuf's Python API
+  can only find them by parsing the whole message and then building an ``UnknownFieldSet``:
+  work and memory proportional to the body, on the event loop, even when the first field is
+  already wrong. Here reading stops at the first problem, so refusing a hostile 8 MiB body
+  costs the same as refusing a 3-byte one.
+* **Cost per request.** A well-formed Predict body is exactly 787 bytes (tag, length 784,
+  pixels); recognising it is one comparison, and its pixels are used in place. A BatchPredict
+  of 784-byte images is checked with one vectorised numpy comparison.
+
+Responses are written directly too: a PredictResponse is the digit, 40 bytes of little-endian
+float32 and the version, joined. Every encoder here gives exactly the bytes protobuf's
+``SerializeToString`` gives for the same message (the tests check it), and every parser gives
+the same values protobuf's parser does for any message it accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from mnist_client.contract import IMAGE_BYTES, IMAGE_SHAPE, NUM_CLASSES
+from server.errors import InvalidArgument
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_WIRE_NAMES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 4: "group", 5: "32-bit"}
+_LITTLE_F32 = np.dtype("<f4")
+
+# one image as protobuf writes it: tag of field 1 (length-delimited), varint 784, the pixels
+_IMAGE_TAG = b"\x0a"
+_IMAGE_HEADER = _IMAGE_TAG + bytes([0x90, 0x06])  # varint(784)
+_IMAGE_ENTRY = len(_IMAGE_HEADER) + IMAGE_BYTES  # 787
+_IMAGE_HEADER_ARRAY = np.frombuffer(_IMAGE_HEADER, np.uint8)
+
+
+def varint(value: int) -> bytes:
+    """``value`` (>= 0, < 2**64) as a protobuf varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_varint(data: bytes, pos: int, message: str) -> tuple[int, int]:
+    """The varint at ``data[pos:]`` and the position after it; a bad one is INVALID_ARGUMENT."""
+    result = shift = 0
+    end = min(len(data), pos + 10)
+    while pos < end:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+    raise InvalidArgument(f"request is not a valid mnist.v1.{message} message")
+
+
+class Fields:
+    """The fields of one flat message type: number -> (name, wire type)."""
+
+    def __init__(self, message: str, fields: dict[int, tuple[str, int]]) -> None:
+        self.message = message
+        self.fields = fields
+
+    def scan(self, data: bytes, on_field: Callable[[int, int, int, int], None]) -> None:
+        """Walk ``data``, calling ``on_field(number, value, start, end)`` for each field.
+
+        A varint field gives its ``value``; a length-delimited one its bytes ``data[start:end]``.
+        Stops at the first unknown field, wrong wire type or malformed byte with
+        INVALID_ARGUMENT, so a hostile body costs only as much as its first problem.
+        """
+        pos, n = 0, len(data)
+        while pos < n:
+            key, pos = read_varint(data, pos, self.message)
+            number, wire = key >> 3, key & 7
+            spec = self.fields.get(number)
+            if spec is None:
+                raise InvalidArgument(
+                    f"unknown field number {number} in {self.message}; this server speaks mnist.v1"
+                )
+            if wire != spec[1]:
+                raise InvalidArgument(
+                    f"{self.message}.{spec[0]} (field {number}) has the wrong type "
+                    f"({_WIRE_NAMES.get(wire, str(wire))})"
+                )
+            if wire == _VARINT:
+                value, pos = read_varint(data, pos, self.message)
+                on_field(number, value, pos, pos)
+            else:
+                length, start = read_varint(data, pos, self.message)
+                pos = start + length
+                if pos > n:
+                    raise InvalidArgument(f"request is not a valid mnist.v1.{self.message} message")
+                on_field(number, length, start, pos)
+
+
+PREDICT_REQUEST = Fields("PredictRequest", {1: ("image", _LEN)})
+BATCH_PREDICT_REQUEST = Fields("BatchPredictRequest", {1: ("images", _LEN)})
+EMPTY_REQUEST = Fields("GetModelInfoRequest", {})
+STREAM_REQUEST = Fields("PredictStreamRequest", {1: ("id", _VARINT), 2: ("image", _LEN)})
+
+
+def _image_size_error(size: int, where: str = "image") -> InvalidArgument:
+    return InvalidArgument(
+        f"{where} has {size} bytes, expected {IMAGE_BYTES} (28x28 uint8, row-major)"
+    )
+
+
+def _once(seen: set[int], number: int, fields: Fields) -> None:
+    # proto3 lets a later copy of a field replace an earlier one; a client never needs that,
+    # and refusing it keeps a body of a million copies from costing a million steps
+    if number in seen:
+        name = fields.fields[number][0]
+        raise InvalidArgument(f"{fields.message}.{name} (field {number}) appears more than once")
+    seen.add(number)
+
+
+def _image_at(data: bytes, start: int, end: int, where: str = "image") -> np.ndarray:
+    if end - start != IMAGE_BYTES:
+        raise _image_size_error(end - start, where)
+    return np.frombuffer(data, np.uint8, IMAGE_BYTES, start).reshape(1, *IMAGE_SHAPE)
+
+
+def parse_predict(data: bytes) -> np.ndarray:
+    """A PredictRequest's image as uint8 ``[1, 28, 28]``, read in place (no copy)."""
+    if len(data) == _IMAGE_ENTRY and data.startswith(_IMAGE_HEADER):  # the common case
+        return np.frombuffer(data, np.uint8, IMAGE_BYTES, 3).reshape(1, *IMAGE_SHAPE)
+    found: list[np.ndarray] = []
+    seen: set[int] = set()
+
+    def on_field(number: int, value: int, start: int, end: int) -> None:
+        _once(seen, number, PREDICT_REQUEST)
+        found.append(_image_at(data, start, end))
+
+    PREDICT_REQUEST.scan(data, on_field)
+    if not found:
+        raise _image_size_error(0)
+    return found[0]
+
+
+def parse_batch_predict(data: bytes, max_images: int) -> np.ndarray:
+    """A BatchPredictRequest's images as uint8 ``[N, 28, 28]``; errors name the bad index.
+
+    The images are a strided view of ``data`` (no copy). The count is checked before any image
+    is looked at, and a malformed entry stops the reading where it is.
+    """
+    n, rest = divmod(len(data), _IMAGE_ENTRY)
+    first_bad = 0
+    if n:
+        rows = np.frombuffer(data, np.uint8, n * _IMAGE_ENTRY).reshape(n, _IMAGE_ENTRY)
+        good = (rows[:, : len(_IMAGE_HEADER)] == _IMAGE_HEADER_ARRAY).all(axis=1)
+        first_bad = int(good.argmin()) if not good.all() else n
+        if first_bad == n and not rest:  # the common case: every entry a 784-byte image
+            _check_count(n, max_images)
+            return rows[:, len(_IMAGE_HEADER) :].reshape(n, *IMAGE_SHAPE)
+    # Something is off from entry `first_bad` on (or the body is empty): read on from there
+    # one field at a time, to name the first problem exactly.
+    count = first_bad
+    _check_count(count, max_images)
+    starts = [i * _IMAGE_ENTRY + len(_IMAGE_HEADER) for i in range(first_bad)]
+
+    def on_field(number: int, value: int, start: int, end: int) -> None:
+        nonlocal count
+        if count >= max_images:
+            raise InvalidArgument(
+                f"more than {max_images} images in one request, limit {max_images}; "
+                "split into several requests"
+            )
+        if end - start != IMAGE_BYTES:
+            raise _image_size_error(end - start, f"images[{count}]")
+        starts.append(start)
+        count += 1
+
+    BATCH_PREDICT_REQUEST.scan(data[first_bad * _IMAGE_ENTRY :], _shifted(on_field, first_bad))
+    if not starts:
+        raise InvalidArgument("BatchPredict needs at least one image")
+    # only reached for valid but unusual encodings (e.g. over-long varint lengths)
+    pixels = b"".join(data[s : s + IMAGE_BYTES] for s in starts)
+    return np.frombuffer(pixels, np.uint8).reshape(len(starts), *IMAGE_SHAPE)
+
+
+def _shifted(
+    on_field: Callable[[int, int, int, int], None], first_bad: int
+) -> Callable[[int, int, int, int], None]:
+    offset = first_bad * _IMAGE_ENTRY
+
+    def shifted(number: int, value: int, start: int, end: int) -> None:
+        on_field(number, value, start + offset, end + offset)
+
+    return shifted
+
+
+def _check_count(n: int, max_images: int) -> None:
+    if n > max_images:
+        raise InvalidArgument(
+            f"{n} images in one request, limit {max_images}; split into several requests"
+        )
+
+
+def parse_empty(data: bytes, fields: Fields = EMPTY_REQUEST) -> None:
+    """Check a message that has no fields (GetModelInfoRequest): any field is unknown."""
+    fields.scan(data, lambda *_: None)
+
+
+def parse_stream_request(data: bytes) -> tuple[int, np.ndarray]:
+    """A PredictStreamRequest's ``id`` and image (``[1, 28, 28]``, read in place).
+
+    A wrong-sized image raises INVALID_ARGUMENT as usual; the caller needs the id first to
+    answer that image's own error, so it is available as ``StreamImageError.request_id``.
+    """
+    request_id = 0
+    image_span: tuple[int, int] | None = None
+    seen: set[int] = set()
+
+    def on_field(number: int, value: int, start: int, end: int) -> None:
+        nonlocal request_id, image_span
+        _once(seen, number, STREAM_REQUEST)
+        if number == 1:
+            request_id = value
+        else:
+            image_span = (start, end)
+
+    STREAM_REQUEST.scan(data, on_field)
+    start, end = image_span or (0, 0)
+    try:
+        return request_id, _image_at(data, start, end)
+    except InvalidArgument as err:
+        raise StreamImageError(request_id, err.message) from None
+
+
+class StreamImageError(InvalidArgument):
+    """A stream message whose id was read but whose image is wrong: only that image fails."""
+
+    def __init__(self, request_id: int, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+# --- responses
+
+
+def _tag(number: int, wire: int) -> bytes:
+    return varint(number << 3 | wire)
+
+
+_DIGIT_TAG = _tag(1, _VARINT)
+_PROBS_HEADER = _tag(2, _LEN) + varint(NUM_CLASSES * 4)
+_VERSION_TAG = _tag(3, _VARINT)
+
+
+def encode_predict(probabilities: np.ndarray, version: int) -> bytes:
+    """A PredictResponse for one row of probabilities ``[10]`` and its model version."""
+    digit = int(probabilities.argmax())
+    return b"".join((
+        _DIGIT_TAG + bytes((digit,)) if digit else b"",
+        _PROBS_HEADER,
+        probabilities.astype(_LITTLE_F32, copy=False).tobytes(),
+        _VERSION_TAG + varint(version) if version else b"",
+    ))  # fmt: skip
+
+
+def packed_varints(values: np.ndarray) -> bytes:
+    """Non-negative integers as a packed run of varints (one byte each when all are < 128)."""
+    if len(values) and int(values.max()) < 0x80 and int(values.min()) >= 0:
+        return values.astype(np.uint8).tobytes()
+    if len(values) and bool((values == values[0]).all()):
+        return varint(int(values[0])) * len(values)
+    return b"".join(varint(int(v)) for v in values)
+
+
+def _packed(number: int, payload: bytes) -> bytes:
+    return _tag(number, _LEN) + varint(len(payload)) + payload if payload else b""
+
+
+def encode_batch_predict(probabilities: np.ndarray, versions: np.ndarray) -> bytes:
+    """A BatchPredictResponse: packed digits, row-major probabilities, per-image versions."""
+    return b"".join((
+        _packed(1, packed_varints(probabilities.argmax(axis=1))),
+        _packed(2, probabilities.astype(_LITTLE_F32, copy=False).tobytes()),
+        _packed(3, packed_varints(versions)),
+    ))  # fmt: skip

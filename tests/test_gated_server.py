@@ -1,0 +1,212 @@
+"""The real server in the test's process (real gRPC on 127.0.0.1, the real SDK), with its model
+behind a gate the test opens: batching, deadlines, cancellation and a failing batcher are
+observed deterministically, not by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from mnist_client import AsyncDigitClient
+from server.app import EXIT_BATCHER_FAILED, ModelServer
+from server.settings import parse_settings
+from tests.conftest import ROOT
+
+
+class GatedRuntime:
+    """Wraps a loaded runtime: records every call's images; holds calls while closed."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.name, self.device, self.source = inner.name, inner.device, inner.source
+        self.calls: list[np.ndarray] = []
+        self.entered = threading.Semaphore(0)
+        self.open = threading.Event()
+        self.open.set()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        self.calls.append(images.copy())
+        self.entered.release()
+        assert self.open.wait(30), "the test never opened the gate"
+        return self.inner.predict(images)  # type: ignore[no-any-return]
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.acquire, True, 30), "model was not called"
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(c) for c in self.calls]
+
+
+async def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def _start(model_dir: Path, *args: str) -> tuple[ModelServer, GatedRuntime]:
+    settings = parse_settings(
+        ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", *args],
+        environ={},
+    )  # fmt: skip
+    server = ModelServer(settings)
+    await server.start()
+    await _until(lambda: server.health.serving)
+    model = server.manager.current
+    assert model is not None
+    gate = GatedRuntime(model.runtime)
+    model.runtime = gate  # type: ignore[assignment]
+    return server, gate
+
+
+@pytest.fixture
+async def gated(trained_model_dir: Path) -> AsyncIterator[tuple[ModelServer, GatedRuntime]]:
+    server, gate = await _start(trained_model_dir)
+    yield server, gate
+    gate.open.set()
+    await server.stop()
+
+
+def _target(server: ModelServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+async def test_callers_that_arrive_while_the_model_is_busy_share_one_call(
+    gated: tuple[ModelServer, GatedRuntime], mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = gated
+    x, _ = mnist_test
+    n = 50
+    async with AsyncDigitClient(_target(server)) as client:
+        expected = (await client.batch_predict(x[:n])).digits.tolist()
+        gate.calls.clear()
+        gate.open.clear()
+        first = asyncio.ensure_future(client.predict(x[0]))
+        await gate.wait_entered()  # the model is busy with the first caller
+        rest = [asyncio.ensure_future(client.predict(x[i])) for i in range(1, n)]
+        await _until(lambda: server.batcher.queued_images == n - 1)
+        gate.open.set()
+        digits = [(await first).digit] + [(await r).digit for r in rest]
+    assert gate.batch_sizes == [1, n - 1]  # everyone who queued meanwhile: one call
+    assert digits == expected
+
+
+async def test_a_request_whose_deadline_passes_while_queued_never_reaches_the_model(
+    gated: tuple[ModelServer, GatedRuntime], mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = gated
+    x, _ = mnist_test
+    async with AsyncDigitClient(_target(server)) as client:
+        gate.calls.clear()
+        gate.open.clear()
+        blocker = asyncio.ensure_future(client.predict(x[0]))
+        await gate.wait_entered()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.batch_predict(x[1:8], timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _until(lambda: server.batcher.queued_images == 0)  # the server let it go
+        gate.open.set()
+        await blocker
+        assert (await client.predict(x[9])).model_version == 1
+    assert gate.batch_sizes == [1, 1]  # the 7 expired images were never computed
+    assert server.calls.answered["DEADLINE_EXCEEDED"] == 1
+
+
+async def test_cancelled_calls_never_reach_the_model_and_leave_nothing_behind(
+    gated: tuple[ModelServer, GatedRuntime], mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = gated
+    x, _ = mnist_test
+    async with AsyncDigitClient(_target(server)) as client:
+        gate.calls.clear()
+        gate.open.clear()
+        blocker = asyncio.ensure_future(client.predict(x[0]))
+        await gate.wait_entered()
+        doomed = [asyncio.ensure_future(client.batch_predict(x[:64])) for _ in range(8)]
+        await _until(lambda: server.batcher.queued_images == 8 * 64)
+        for call in doomed:
+            call.cancel()
+        await asyncio.gather(*doomed, return_exceptions=True)
+        await _until(lambda: server.batcher.queued_images == 0 and server.calls.active == 1)
+        gate.open.set()
+        await blocker
+        assert len(await client.batch_predict(x[:3])) == 3
+    assert gate.batch_sizes == [1, 3]  # none of the 512 cancelled images was computed
+    assert server.calls.answered["CANCELLED"] == 8
+
+
+async def test_a_lone_request_never_waits_for_a_batch_to_fill(
+    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = await _start(trained_model_dir, "--batch-timeout-ms", "60000")
+    try:
+        async with AsyncDigitClient(_target(server), timeout=20) as client:
+            for image in mnist_test[0][:5]:  # a minute's wait each would time out
+                await client.predict(image)
+        assert gate.batch_sizes == [1] * 5
+    finally:
+        await server.stop()
+
+
+async def test_a_failed_batcher_thread_turns_the_server_not_serving(
+    gated: tuple[ModelServer, GatedRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = gated
+
+    def broken(now: float) -> None:
+        raise RuntimeError("a bug outside the model call")
+
+    monkeypatch.setattr(server.batcher, "_take_batch", broken)
+    async with AsyncDigitClient(_target(server)) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.predict(np.zeros((28, 28), np.uint8))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        await _until(lambda: server.fatal.is_set())
+        assert await client.health() == "NOT_SERVING"
+    assert server.exit_code == EXIT_BATCHER_FAILED
+
+
+def test_a_process_whose_batcher_fails_exits_non_zero(trained_model_dir: Path) -> None:
+    # the real command line, with a bug planted in the batcher's thread
+    code = (
+        "import sys, server.batcher as b\n"
+        "def broken(self, now): raise RuntimeError('planted bug')\n"
+        "b.DynamicBatcher._take_batch = broken\n"
+        "from server.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    ready = trained_model_dir.parent / "batcher-fails.ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--model-dir", str(trained_model_dir), "--host",
+         "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        import json
+        import time
+
+        from mnist_client import DigitClient
+
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and json.loads(ready.read_text())["serving"]):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        port = json.loads(ready.read_text())["grpc_port"]
+        with DigitClient(f"127.0.0.1:{port}", timeout=10) as client, pytest.raises(grpc.RpcError):
+            client.predict(np.zeros((28, 28), np.uint8))
+        assert proc.wait(60) == EXIT_BATCHER_FAILED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
