@@ -100,8 +100,8 @@ class UnaryMethod:
             raw = await context.read()
             if not isinstance(raw, bytes):  # the stream ended before one whole message
                 raise InvalidArgument("the call carried no complete request message")
-            size = len(raw)
-            calls.charge(size)
+            calls.charge(len(raw))
+            size = len(raw)  # charged: given back in `finally`
             call = Call(context)
             return await self.impl(raw, call)
         except ServiceError as err:

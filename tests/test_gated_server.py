@@ -210,3 +210,59 @@ def test_a_process_whose_batcher_fails_exits_non_zero(trained_model_dir: Path) -
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_calls_beyond_the_admission_limit_are_refused_at_once(
+    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = await _start(trained_model_dir, "--max-concurrent-rpcs", "4")
+    x, _ = mnist_test
+    try:
+        async with AsyncDigitClient(_target(server)) as client:
+            gate.open.clear()
+            held = [asyncio.ensure_future(client.predict(x[0]))]
+            await gate.wait_entered()
+            held += [asyncio.ensure_future(client.predict(x[i])) for i in (1, 2, 3)]
+            await _until(lambda: server.calls.active == 4)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.predict(x[4])
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "4 calls in flight, limit 4" in (info.value.details() or "")
+            gate.open.set()
+            assert len(await asyncio.gather(*held)) == 4  # the admitted ones are all answered
+        assert server.calls.answered["RESOURCE_EXHAUSTED"] == 1
+        assert (
+            server.metrics.registry.get_sample_value(
+                "mnist_requests_total", {"method": "Predict", "code": "RESOURCE_EXHAUSTED"}
+            )
+            == 1
+        )
+    finally:
+        gate.open.set()
+        await server.stop()
+
+
+async def test_request_bytes_beyond_the_budget_are_refused(
+    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = await _start(
+        trained_model_dir, "--max-images-per-request", "100", "--max-message-bytes", "100000",
+        "--max-inflight-bytes", "100000",
+    )  # fmt: skip
+    x, _ = mnist_test
+    try:
+        async with AsyncDigitClient(_target(server)) as client:
+            gate.open.clear()
+            held = asyncio.ensure_future(client.batch_predict(x[:100]))  # 78,700 bytes
+            await gate.wait_entered()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.batch_predict(x[100:200])
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "request bytes in flight, limit 100000" in (info.value.details() or "")
+            gate.open.set()
+            assert len(await held) == 100
+            assert len(await client.batch_predict(x[100:200])) == 100  # budget given back
+        assert server.calls.bytes == 0
+    finally:
+        gate.open.set()
+        await server.stop()

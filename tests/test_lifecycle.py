@@ -256,3 +256,19 @@ def test_cancelled_calls_leave_nothing_queued(
         lambda: sum(server.metric("mnist_inflight_requests", method=m)
                     for m in ("Predict", "BatchPredict")) == 0, timeout=10
     )  # fmt: skip
+
+
+def test_drain_under_steady_traffic_is_bounded_by_the_work_in_flight(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # refused late calls (UNAVAILABLE, retried by the SDK) must not keep the server open:
+    # with a 20 s grace, the process exits once the calls in flight are answered
+    srv = start_server(trained_model_dir, tmp_path / "server.log", "--grace-seconds", "20")
+    with Traffic(srv.target, mnist_test[0][:200], concurrency=32) as traffic:
+        assert _wait_for(lambda: traffic.codes["OK"] > 300)
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        took = time.monotonic() - started
+    assert took < 5, f"the drain took {took:.1f}s under steady traffic"
+    assert srv.ready()["answered"]["OK"] == traffic.codes["OK"]  # type: ignore[index]

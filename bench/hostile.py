@@ -1,0 +1,358 @@
+"""Hostile load, measured: what one outside tester did to the server, repeatable.
+
+    python -m bench.hostile --model-dir models [--seconds 20]
+
+Each scenario gets a fresh server (default settings) on 127.0.0.1 and prints its figures
+against the targets:
+
+* ``bodies``: three 8 MiB hostile bodies at once (unknown varints, unknown fixed32, 4M empty
+  images), five times, while a health check runs every 100 ms: time to each refusal, the
+  slowest health check, RSS growth during and after.
+* ``overload``: Predict at concurrency 1,000 (h2load), after a run at 64: refusals, the
+  server-side p99 of refusals and of accepted calls (from the server's histogram), RSS.
+* ``flood``: 1,024-image BatchPredicts at concurrency 64: RSS during and after.
+* ``sigterm``: SIGTERM under steady load: time until the process has exited.
+* ``deadlines``: calls with 1, 10 and 100 ms deadlines under load, from a Python client that
+  records every status it sees, against the server's own counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from bench.h2load import SERVICE, Load, h2load, make_payloads
+from bench.targets import Running, Target, our_server, rss_mb, start, stop
+from mnist_client import DigitClient
+
+EIGHT_MIB = 8 * 1024 * 1024
+HOSTILE = {
+    "unknown varints": ("Predict", b"\x10\x01" * (EIGHT_MIB // 2 - 8)),
+    "unknown fixed32": ("Predict", b"\x15\x00\x00\x00\x00" * (EIGHT_MIB // 5 - 8)),
+    "4M empty images": ("BatchPredict", b"\x0a\x00" * (EIGHT_MIB // 2 - 8)),
+}
+
+
+def _metrics(running: Running) -> str:
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def _samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Every sample of ``name`` on a metrics page, keyed by its labels."""
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        sample, value = line.rsplit(" ", 1)
+        labels = sample[len(name) :].strip("{}")
+        pairs = [kv.split("=", 1) for kv in labels.split(",") if kv]
+        out[frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
+    return out
+
+
+def _codes(text: str, method: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for labels, value in _samples(text, "mnist_requests_total").items():
+        d = dict(labels)
+        if d["method"] == method:
+            counts[d["code"]] += int(value)
+    return counts
+
+
+def _quantile(before: str, after: str, method: str, code: str, q: float) -> float:
+    """Server-side latency quantile of ``method`` calls answered ``code`` between two scrapes."""
+    name = "mnist_rpc_duration_seconds_bucket"
+
+    def buckets(text: str) -> dict[float, float]:
+        out = {}
+        for labels, value in _samples(text, name).items():
+            d = dict(labels)
+            if d["method"] == method and d["code"] == code:
+                out[float(d["le"])] = value
+        return out
+
+    b0, b1 = buckets(before), buckets(after)
+    counts = sorted((le, b1[le] - b0.get(le, 0.0)) for le in b1)
+    total = counts[-1][1] if counts else 0
+    if not total:
+        return float("nan")
+    for le, cumulative in counts:
+        if cumulative >= q * total:
+            return le
+    return float("inf")
+
+
+def _rss_sampler(pid: int) -> tuple[Callable[[], list[float]], threading.Event]:
+    samples: list[float] = []
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.is_set():
+            samples.append(rss_mb(pid))
+            time.sleep(0.05)
+
+    threading.Thread(target=run, daemon=True).start()
+    return (lambda: samples), done
+
+
+def _start(model_dir: Path, workdir: Path, name: str, *extra: str) -> Running:
+    return start(Target(name, our_server(model_dir, "--max-queue-images", "8192", *extra),
+                        True), workdir)  # fmt: skip
+
+
+def _warm(target: str, images: np.ndarray, n: int = 2000) -> None:
+    with DigitClient(target) as client:
+        for i in range(0, n, 100):
+            client.batch_predict(images[:100])
+            client.predict(images[i % len(images)])
+
+
+def scenario_bodies(model_dir: Path, images: np.ndarray, workdir: Path) -> dict[str, Any]:
+    running = _start(model_dir, workdir, "bodies")
+    target = f"127.0.0.1:{running.port}"
+    try:
+        _warm(target, images)
+        base = rss_mb(running.proc.pid)
+        health_ms: list[float] = []
+        stop_probe = threading.Event()
+
+        def probe() -> None:
+            with DigitClient(target, timeout=1.0) as client:
+                while not stop_probe.is_set():
+                    t0 = time.perf_counter()
+                    status = client.health()
+                    health_ms.append((time.perf_counter() - t0) * 1000)
+                    assert status == "SERVING", status
+                    time.sleep(0.1)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        samples, sampling = _rss_sampler(running.proc.pid)
+        refusals: dict[str, list[float]] = {name: [] for name in HOSTILE}
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        with grpc.insecure_channel(target, options=options) as channel:
+            for _ in range(5):
+                threads = []
+                for name, (method, body) in HOSTILE.items():
+
+                    def send(name: str = name, method: str = method, body: bytes = body) -> None:
+                        call = channel.unary_unary(f"{SERVICE}/{method}")  # type: ignore[call-arg]
+                        t0 = time.perf_counter()
+                        try:
+                            call(body, timeout=30)
+                            raise AssertionError(f"{name} was accepted")
+                        except grpc.RpcError as err:
+                            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+                        refusals[name].append((time.perf_counter() - t0) * 1000)
+
+                    threads.append(threading.Thread(target=send))
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                time.sleep(0.3)
+        time.sleep(2)
+        after = rss_mb(running.proc.pid)
+        sampling.set()
+        stop_probe.set()
+        prober.join(5)
+        return {
+            "refusal_ms_max": {k: round(max(v), 1) for k, v in refusals.items()},
+            "health_checks": len(health_ms),
+            "health_ms_max": round(max(health_ms), 1),
+            "rss_base_mb": round(base, 1),
+            "rss_peak_growth_mb": round(max(samples()) - base, 1),
+            "rss_after_growth_mb": round(after - base, 1),
+        }
+    finally:
+        stop(running)
+
+
+def _run_h2load(running: Running, load: Load, payload: Path, seconds: float,
+                workdir: Path) -> tuple[int, float, np.ndarray]:  # fmt: skip
+    return h2load(running.port, load, payload, seconds, 1.0, workdir)
+
+
+def scenario_overload(
+    model_dir: Path, images: np.ndarray, workdir: Path, seconds: float
+) -> dict[str, Any]:
+    running = _start(model_dir, workdir, "overload")
+    payloads = make_payloads(workdir, images)
+    path = f"{SERVICE}/Predict"
+    try:
+        _warm(f"127.0.0.1:{running.port}", images)
+        base = rss_mb(running.proc.pid)
+        m0 = _metrics(running)
+        _run_h2load(running, Load("c64", path, "predict", 64, 1), payloads["predict"], 5, workdir)
+        m1 = _metrics(running)
+        samples, sampling = _rss_sampler(running.proc.pid)
+        n, secs, lat = _run_h2load(
+            running, Load("c1000", path, "predict", 1000, 1), payloads["predict"], seconds,
+            workdir,
+        )  # fmt: skip
+        sampling.set()
+        m2 = _metrics(running)
+        codes = _codes(m2, "Predict") - _codes(m1, "Predict")
+        return {
+            "c1000_calls_per_s": round(n / secs),
+            "c1000_codes": dict(codes),
+            "refused_p99_ms": _quantile(m1, m2, "Predict", "RESOURCE_EXHAUSTED", 0.99) * 1000,
+            "accepted_p99_ms_c1000": _quantile(m1, m2, "Predict", "OK", 0.99) * 1000,
+            "accepted_p99_ms_c64": _quantile(m0, m1, "Predict", "OK", 0.99) * 1000,
+            "client_p99_ms_c1000": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+            "rss_base_mb": round(base, 1),
+            "rss_peak_growth_mb": round(max(samples()) - base, 1),
+        }
+    finally:
+        stop(running)
+
+
+def scenario_flood(
+    model_dir: Path, images: np.ndarray, workdir: Path, seconds: float
+) -> dict[str, Any]:
+    running = _start(model_dir, workdir, "flood")
+    payloads = make_payloads(workdir, images)
+    try:
+        _warm(f"127.0.0.1:{running.port}", images)
+        base = rss_mb(running.proc.pid)
+        samples, sampling = _rss_sampler(running.proc.pid)
+        m0 = _metrics(running)
+        _run_h2load(running, Load("flood", f"{SERVICE}/BatchPredict", "batch1024", 64, 1024),
+                    payloads["batch1024"], seconds, workdir)  # fmt: skip
+        m1 = _metrics(running)
+        time.sleep(2)
+        sampling.set()
+        return {
+            "codes": dict(_codes(m1, "BatchPredict") - _codes(m0, "BatchPredict")),
+            "rss_base_mb": round(base, 1),
+            "rss_peak_growth_mb": round(max(samples()) - base, 1),
+            "rss_after_growth_mb": round(rss_mb(running.proc.pid) - base, 1),
+        }
+    finally:
+        stop(running)
+
+
+def scenario_sigterm(model_dir: Path, images: np.ndarray, workdir: Path) -> dict[str, Any]:
+    running = _start(model_dir, workdir, "sigterm", "--grace-seconds", "20")
+    payloads = make_payloads(workdir, images)
+    load = Load("c64", f"{SERVICE}/Predict", "predict", 64, 1)
+    result: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            _, _, lat = _run_h2load(running, load, payloads["predict"], 8, workdir)
+            result["p99_ms_before"] = float(np.percentile(lat, 99)) if len(lat) else None
+        except RuntimeError:
+            pass  # h2load reports the closed connections
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    time.sleep(3)
+    t0 = time.perf_counter()
+    running.proc.send_signal(signal.SIGTERM)
+    code = running.proc.wait(60)
+    result["exit_seconds"] = round(time.perf_counter() - t0, 2)
+    result["exit_code"] = code
+    thread.join(30)
+    return result
+
+
+def scenario_deadlines(model_dir: Path, images: np.ndarray, workdir: Path) -> dict[str, Any]:
+    running = _start(model_dir, workdir, "deadlines")
+    payloads = make_payloads(workdir, images)
+    target = f"127.0.0.1:{running.port}"
+    try:
+        _warm(target, images)
+        background = subprocess.Popen(
+            ["h2load", "-t", "1", "-c", "8", "-m", "8", "-D", "12", "-d",
+             str(payloads["predict"]), "-H", "content-type: application/grpc",
+             "-H", "te: trailers", f"http://127.0.0.1:{running.port}{SERVICE}/Predict"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(2)
+        before = _codes(_metrics(running), "Predict")
+        seen: Counter[str] = Counter()
+
+        async def calls() -> None:
+            async with grpc.aio.insecure_channel(target) as channel:
+                predict = channel.unary_unary(f"{SERVICE}/Predict")  # type: ignore[call-arg]
+                body = _predict_body(images[0])
+
+                async def one(deadline: float) -> None:
+                    try:
+                        await predict(body, timeout=deadline)
+                        seen["OK"] += 1
+                    except grpc.aio.AioRpcError as err:
+                        seen[err.code().name] += 1
+
+                for deadline in (0.001, 0.01, 0.1):
+                    await asyncio.gather(*(one(deadline) for _ in range(300)))
+
+        asyncio.run(calls())
+        time.sleep(1)
+        after = _codes(_metrics(running), "Predict")
+        background.wait(30)
+        server = after - before
+        # the background load's own calls are all OK (h2load): compare the failures only
+        failures = {k: v for k, v in seen.items() if k != "OK"}
+        return {
+            "client_saw": dict(seen),
+            "server_counted_failures": {k: v for k, v in server.items() if k != "OK"},
+            "client_failures": failures,
+            "unseen_by_server": sum(failures.values())
+            - sum(v for k, v in server.items() if k != "OK"),
+        }
+    finally:
+        stop(running)
+
+
+def _predict_body(image: np.ndarray) -> bytes:
+    return b"\x0a\x90\x06" + image.tobytes()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models"))
+    p.add_argument("--data-dir", type=Path, help="MNIST IDX folder for real request images")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of the overload run")
+    p.add_argument("--only", help="comma-separated scenarios to run")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from bench.__main__ import _images
+
+    images = _images(args.data_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="mnist-hostile-"))
+    scenarios: dict[str, Callable[[], dict[str, Any]]] = {
+        "bodies": lambda: scenario_bodies(args.model_dir, images, workdir),
+        "overload": lambda: scenario_overload(args.model_dir, images, workdir, args.seconds),
+        "flood": lambda: scenario_flood(args.model_dir, images, workdir, 15.0),
+        "sigterm": lambda: scenario_sigterm(args.model_dir, images, workdir),
+        "deadlines": lambda: scenario_deadlines(args.model_dir, images, workdir),
+    }
+    chosen = args.only.split(",") if args.only else list(scenarios)
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        for key, value in scenarios[name]().items():
+            print(f"  {key:26s} {value}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The mnist.v1 wire codec against protobuf itself: same values read, same bytes written; and
+hostile bodies refused after their first problem, however large they are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mnist_client.pb import digit_classifier_pb2 as pb
+from server import wire
+from server.errors import InvalidArgument
+
+EIGHT_MIB = 8 * 1024 * 1024
+IMAGE = st.binary(min_size=784, max_size=784)
+PROBS = hnp.arrays(np.float32, 10, elements=st.floats(0, 1, width=32))
+VERSIONS = st.integers(min_value=1, max_value=2**62)
+
+
+@settings(max_examples=200, deadline=None)
+@given(image=st.one_of(IMAGE, st.binary(max_size=1600)))
+def test_predict_requests_read_like_protobuf(image: bytes) -> None:
+    raw = pb.PredictRequest(image=image).SerializeToString()
+    if len(image) == 784:
+        assert wire.parse_predict(raw).tobytes() == image
+    else:
+        with pytest.raises(InvalidArgument, match=f"image has {len(image)} bytes, expected 784"):
+            wire.parse_predict(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(images=st.lists(st.one_of(IMAGE, IMAGE, st.binary(max_size=900)), min_size=1, max_size=30))
+def test_batch_requests_read_like_protobuf(images: list[bytes]) -> None:
+    raw = pb.BatchPredictRequest(images=images).SerializeToString()
+    bad = [i for i, im in enumerate(images) if len(im) != 784]
+    if bad:
+        with pytest.raises(InvalidArgument, match=rf"^images\[{bad[0]}\] has "):
+            wire.parse_batch_predict(raw, 4096)
+    else:
+        got = wire.parse_batch_predict(raw, 4096)
+        assert got.shape == (len(images), 28, 28)
+        assert [row.tobytes() for row in got] == images
+
+
+def test_batch_request_limits_and_unusual_encodings() -> None:
+    images = [bytes([i]) * 784 for i in range(5)]
+    raw = pb.BatchPredictRequest(images=images).SerializeToString()
+    with pytest.raises(InvalidArgument, match="5 images in one request, limit 4"):
+        wire.parse_batch_predict(raw, 4)
+    with pytest.raises(InvalidArgument, match="at least one image"):
+        wire.parse_batch_predict(b"", 4)
+    # a valid, if unusual, length encoding (varint 784 in three bytes) is still read
+    padded = b"".join(b"\x0a\x90\x86\x00" + im for im in images)
+    assert [r.tobytes() for r in wire.parse_batch_predict(padded, 8)] == images
+    # more than the limit of otherwise valid entries after an unusual one: stops at the limit
+    with pytest.raises(InvalidArgument, match="more than 4 images"):
+        wire.parse_batch_predict(raw[:787] + padded, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(probs=PROBS, version=VERSIONS)
+def test_predict_responses_are_protobufs_bytes(probs: np.ndarray, version: int) -> None:
+    expected = pb.PredictResponse(
+        digit=int(probs.argmax()), probabilities=probs.tolist(), model_version=version
+    ).SerializeToString()
+    assert wire.encode_predict(probs, version) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=40),
+    data=st.data(),
+)
+def test_batch_responses_are_protobufs_bytes(n: int, data: st.DataObject) -> None:
+    probs = data.draw(hnp.arrays(np.float32, (n, 10), elements=st.floats(0, 1, width=32)))
+    versions = np.array(
+        data.draw(st.lists(st.sampled_from([1, 7, 300, 2**40]), min_size=n, max_size=n)),
+        np.int64,
+    )
+    expected = pb.BatchPredictResponse(
+        digits=probs.argmax(axis=1).tolist(),
+        probabilities=probs.ravel().tolist(),
+        model_versions=versions.tolist(),
+    ).SerializeToString()
+    assert wire.encode_batch_predict(probs, versions) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "fields"),
+    [
+        (b"\x08\x05", "image (field 1) has the wrong type (varint)"),
+        (b"\x78\x01", "unknown field number 15 in PredictRequest"),
+        (b"\x0a\xff\xff", "not a valid mnist.v1.PredictRequest"),
+        (b"\x0a\x05ab", "not a valid mnist.v1.PredictRequest"),
+        (b"\xff" * 11, "not a valid mnist.v1.PredictRequest"),  # a varint that never ends
+    ],
+)
+def test_malformed_predict_requests(message: bytes, fields: str) -> None:
+    with pytest.raises(InvalidArgument, match=fields.replace("(", r"\(").replace(")", r"\)")):
+        wire.parse_predict(message)
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "message"),
+    [
+        # protobuf would build a million-entry UnknownFieldSet for each of these
+        (wire.parse_predict, b"\x10\x01" * (EIGHT_MIB // 2), "unknown field number 2"),
+        (wire.parse_predict, b"\x15\0\0\0\0" * (EIGHT_MIB // 5), "unknown field number 2"),
+        (lambda b: wire.parse_batch_predict(b, 4096), b"\x0a\x00" * (EIGHT_MIB // 2),
+         "images[0] has 0 bytes"),
+        (lambda b: wire.parse_batch_predict(b, 4096),
+         (b"\x0a\x90\x06" + bytes(784)) * 10 + b"\x10\x01" * (EIGHT_MIB // 2),
+         "unknown field number 2"),
+        (lambda b: wire.parse_batch_predict(b, 4096), (b"\x0a\x90\x06" + bytes(784)) * 10_000,
+         "10000 images in one request, limit 4096"),
+    ],
+)  # fmt: skip
+def test_hostile_bodies_are_refused_at_their_first_problem(
+    parse, body: bytes, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    steps = 0
+    read_varint = wire.read_varint
+
+    def counting(data: bytes, pos: int, name: str) -> tuple[int, int]:
+        nonlocal steps
+        steps += 1
+        return read_varint(data, pos, name)
+
+    monkeypatch.setattr(wire, "read_varint", counting)
+    with pytest.raises(InvalidArgument) as info:
+        parse(body)
+    assert message in info.value.message
+    assert steps <= 4, f"{steps} fields read from an 8 MiB body before refusing it"
