@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -31,7 +30,9 @@ from training.report import Evaluation, evaluate, write_report
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("default", "mirrored", "multi-worker")
+# "multi-worker" (MultiWorkerMirroredStrategy) is not offered: Keras 3's fit() fails under it
+# with any input (keras-team/keras#20585, tensorflow/tensorflow#72388), so it never trained.
+STRATEGIES = ("default", "mirrored")
 GOLDEN_IMAGES = 100
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 42
     validation_split: float = 0.1
     strategy: str = "default"
+    cpu_replicas: int = 1  # mirrored on a machine without GPUs: split the CPU into this many
     version: int | None = None  # None: next free number
     verbose: int = 2
 
@@ -64,24 +66,25 @@ class TrainResult:
     metadata: dict[str, Any]
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """The tf.distribute strategy for ``--strategy`` (multi-worker reads ``TF_CONFIG``)."""
+def make_strategy(name: str, cpu_replicas: int = 1) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for ``--strategy``.
+
+    ``mirrored`` replicates the model on every GPU of this machine; without GPUs, on
+    ``cpu_replicas`` logical CPU devices (the same data-parallel path, for a machine or a test
+    without GPUs). Must run before TensorFlow has initialised its devices.
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
+        if not tf.config.list_physical_devices("GPU") and cpu_replicas > 1:
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
+            )
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+            return tf.distribute.MirroredStrategy(devices)
         return tf.distribute.MirroredStrategy()
-    if name == "multi-worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
-
-
-def is_chief() -> bool:
-    """True unless TF_CONFIG names this process a non-chief worker (only the chief exports)."""
-    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
-    task = config.get("task", {})
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
-    has_chief = "chief" in config.get("cluster", {})
-    return kind == "chief" or (not has_chief and kind == "worker" and index == 0)
 
 
 def _split(data: Mnist, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -123,7 +126,7 @@ def _fit(config: TrainConfig, spec: ArchSpec, data: Mnist, staging: Path) -> _Fi
     best weights restored, best checkpoint kept in ``staging/checkpoint/``)."""
     epochs = config.epochs or spec.epochs
     x_train, y_train, x_val, y_val = _split(data, config.validation_split, config.seed)
-    strategy = make_strategy(config.strategy)
+    strategy = make_strategy(config.strategy, config.cpu_replicas)
     global_batch = (config.batch_size or spec.batch_size) * strategy.num_replicas_in_sync
     steps_per_epoch = int(np.ceil(len(x_train) / global_batch))
     with strategy.scope():
@@ -230,10 +233,6 @@ def train(config: TrainConfig, data: Mnist) -> TrainResult:
         fitted = _fit(config, spec, data, staging)
         ev = evaluate(fitted.model.predict(data.x_test, batch_size=1024, verbose=0), data.y_test)
         epochs_run = len(fitted.history["loss"])
-        if not is_chief():  # workers train in lockstep; only the chief writes a version
-            export.discard(staging)
-            return TrainResult(0, staging, ev.accuracy, ev.loss, epochs_run,
-                               fitted.train_seconds, staging, {})  # fmt: skip
         version, final, metadata = _write_version(config, spec, fitted, ev, data, staging)
         return TrainResult(version, final, ev.accuracy, ev.loss, epochs_run,
                            fitted.train_seconds, final / "report", metadata)  # fmt: skip
