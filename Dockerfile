@@ -21,8 +21,14 @@ COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY training /src/training
 COPY bench /src/bench
+# ai-edge-litert ships accelerators, NPU compilers and converters that the interpreter the
+# server uses never loads (30 MB); the compose test serves real digits from this image.
 RUN /opt/venv/bin/pip install --quiet /src/client /src \
- && /opt/venv/bin/pip uninstall --quiet --yes pip \
+ && /opt/venv/bin/pip uninstall --quiet --yes pip setuptools \
+ && cd /opt/venv/lib/python3*/site-packages/ai_edge_litert \
+ && rm -rf libLiteRtWebGpuAccelerator.so tools vendors aot _pywrap_litert_converter.so \
+      _pywrap_tensorflow_lite_calibration_wrapper.so _pywrap_tfl_calibration.so \
+      _pywrap_analyzer_wrapper.so pywrap_genai_ops.so \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM build-serve AS build-train

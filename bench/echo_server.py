@@ -21,7 +21,7 @@ import grpc.aio
 
 from mnist_client.pb import digit_classifier_pb2 as pb
 from mnist_client.pb import digit_classifier_pb2_grpc as pb_grpc
-from server.health import write_ready_file
+from server.ready_file import write_ready_file
 
 _RESPONSE = pb.PredictResponse(digit=7, probabilities=[0.1] * 10, model_version=1)
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.so_reuseport", 0)]

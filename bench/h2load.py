@@ -36,7 +36,16 @@ def grpc_frame(message: bytes) -> bytes:
 
 def make_payloads(folder: Path, images: np.ndarray) -> dict[str, Path]:
     """Request bodies h2load replays."""
+    stream = b"".join(
+        grpc_frame(
+            pb.PredictStreamRequest(
+                id=i, image=images[i % len(images)].tobytes()
+            ).SerializeToString()
+        )
+        for i in range(STREAM_MESSAGES)
+    )
     bodies = {
+        f"stream{STREAM_MESSAGES}": stream,
         "predict": grpc_frame(pb.PredictRequest(image=images[0].tobytes()).SerializeToString()),
         "batch1024": grpc_frame(
             pb.BatchPredictRequest(

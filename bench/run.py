@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.h2load import SERVICE, Load, h2load, make_payloads
+from bench.h2load import SERVICE, STREAM_MESSAGES, Load, h2load, make_payloads
 from bench.targets import (
     Running,
     cpu_seconds,
@@ -61,9 +61,9 @@ def run_one(running: Running, load: Load, payloads: dict[str, Path], seconds: fl
             warmup: float, repeat: int, workdir: Path) -> Sample:  # fmt: skip
     """One h2load run against one target, with the server's CPU and counters around it."""
     before = scrape(running.metrics_port) if running.metrics_port else None
-    cpu0, t0 = cpu_seconds(running.proc.pid), time.perf_counter()
+    cpu0, t0 = cpu_seconds(*running.pids()), time.perf_counter()
     n, secs, lat = h2load(running.port, load, payloads[load.payload], seconds, warmup, workdir)
-    cpu = (cpu_seconds(running.proc.pid) - cpu0) / (time.perf_counter() - t0)
+    cpu = (cpu_seconds(*running.pids()) - cpu0) / (time.perf_counter() - t0)
     settle(running)  # the next run starts on a quiet machine
     errors, mean_batch = 0, None
     if before is not None and running.metrics_port:
@@ -96,6 +96,8 @@ def inprocess(model_dir: Path, seconds: float, runtime: str) -> dict[str, float]
 def loads(concurrencies: list[int]) -> list[Load]:
     out = [Load(f"predict-c{c}", f"{SERVICE}/Predict", "predict", c, 1) for c in concurrencies]
     out.append(Load("batch1024-c4", f"{SERVICE}/BatchPredict", "batch1024", 4, 1024))
+    out.append(Load(f"stream{STREAM_MESSAGES}-c16", f"{SERVICE}/PredictStream",
+                    f"stream{STREAM_MESSAGES}", 16, STREAM_MESSAGES))  # fmt: skip
     return out
 
 
@@ -153,8 +155,8 @@ def run_benchmark(
         for repeat in range(repeats):
             for r in running:
                 for load in loads(concurrencies):
-                    if "Batch" in load.path and not r.target.ours:
-                        continue
+                    if not load.path.endswith("/Predict") and not r.target.ours:
+                        continue  # the echo servers answer Predict only
                     s = run_one(r, load, payloads, seconds, warmup, repeat, workdir)
                     samples.append(s)
                     print(f"  [{repeat + 1}/{repeats}] {s.target:13s} {s.load:14s} "
@@ -170,7 +172,7 @@ def run_benchmark(
                 )
         for r in running:
             servers[r.target.name] = {
-                "rss_mb": rss_mb(r.proc.pid),
+                "rss_mb": rss_mb(*r.pids()),
                 "start_to_serving_s": r.start_to_serving_s,
                 "model_load_s": r.model_load_s,
             }
@@ -207,6 +209,7 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
                for c in [int(load[9:])]), default=64)  # fmt: skip
     c = 64 if ("batched", "predict-c64") in table else top
     load = f"predict-c{c}"
+    stream = f"stream{STREAM_MESSAGES}-c16"
     return {
         f"predict_c{c}_vs_echo_aio": get("batched", load, "rps") / get("echo-aio", load, "rps"),
         f"cpu_per_request_c{c}_vs_echo_aio": get("batched", load, "cpu_us_per_request")
@@ -218,4 +221,11 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         f"batched_vs_naive_c{c}": get("batched", load, "rps") / get("naive", load, "rps"),
         "batch1024_vs_in_process_b1024": get("batched", "batch1024-c4", "images_per_s")
         / in_proc.get("1024", float("nan")),
+        "stream_images_per_s": get("batched", stream, "images_per_s"),
+        f"stream_images_vs_echo_aio_unary_c{c}": get("batched", stream, "images_per_s")
+        / get("echo-aio", load, "rps"),
+        f"stream_cpu_per_image_vs_echo_aio_unary_c{c}": get("batched", stream, "cpu_us_per_request")
+        / STREAM_MESSAGES
+        / get("echo-aio", load, "cpu_us_per_request"),
+        f"workers2_vs_workers1_c{c}": get("workers2", load, "rps") / get("batched", load, "rps"),
     }

@@ -7,7 +7,6 @@ benchmark checks answers with (h2load counts HTTP 200 even for gRPC errors).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from server.ready_file import read_ready_file
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -37,6 +37,10 @@ class Running:
     log: Path
     start_to_serving_s: float
     model_load_s: float | None
+    worker_pids: list[int]  # with --workers: the processes that serve (CPU is theirs too)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *self.worker_pids]
 
 
 def our_server(model_dir: Path, *extra: str) -> list[str]:
@@ -57,6 +61,7 @@ def targets(model_dir: Path, sweep: bool, with_tensorflow: bool) -> list[Target]
         # one call per request on our default runtime: what batching alone buys
         Target("naive-litert", our_server(model_dir, "--max-batch-size", "1"), True),
         Target("batched", our_server(model_dir), True),
+        Target("workers2", our_server(model_dir, "--workers", "2"), True),
     ]
     if with_tensorflow:  # the tutorial server: one SavedModel call per request
         out.insert(2, Target(
@@ -69,15 +74,6 @@ def targets(model_dir: Path, sweep: bool, with_tensorflow: bool) -> list[Target]
             Target("batched-t2ms", our_server(model_dir, "--batch-timeout-ms", "2"), True),
         ]
     return out
-
-
-def read_ready_file(path: Path) -> dict[str, Any] | None:
-    """The JSON a server wrote to its ready file, or None before it wrote one."""
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return data
 
 
 def start(target: Target, workdir: Path, timeout: float = 120) -> Running:
@@ -97,6 +93,7 @@ def start(target: Target, workdir: Path, timeout: float = 120) -> Running:
             return Running(
                 target, proc, int(ready["grpc_port"]), ready.get("metrics_port"), log,
                 time.perf_counter() - started, ready.get("model_load_seconds"),
+                list(ready.get("workers", [])),
             )  # fmt: skip
         if proc.poll() is not None:
             raise RuntimeError(f"{target.name} exited:\n{log.read_text()[-2000:]}")
@@ -114,16 +111,22 @@ def stop(running: Running) -> None:
             running.proc.kill()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time of processes (all their threads), from /proc."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return total
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, in MB, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+def rss_mb(*pids: int) -> float:
+    """Resident memory of processes, in MB, from /proc."""
+    total = 0.0
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        total += int(status.split("VmRSS:")[1].split()[0]) / 1024
+    return total
 
 
 def scrape(port: int) -> dict[str, float]:

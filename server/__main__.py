@@ -20,9 +20,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from server.app import check_model_dir, run
+    if settings.model_dir.exists() and not settings.model_dir.is_dir():
+        # it may be missing or empty (versions can arrive later), but not a file
+        raise SystemExit(f"{settings.model_dir}: --model-dir is not a directory")
+    if settings.workers > 1:
+        from server.workers import Supervisor
 
-    check_model_dir(settings.model_dir)
+        return Supervisor(settings).serve()
+    from server.app import run
+
     return asyncio.run(run(settings))
 
 

@@ -32,6 +32,8 @@ from server.metrics import ServerMetrics
 from server.metrics_http import MetricsServer
 from server.servicer import SERVICE_NAME, DigitClassifier
 from server.settings import Settings
+from server.streams import StreamMethod
+from server.workers import REPORT_SECONDS, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,17 @@ def _read_token(path: Path | None) -> bytes | None:
 
 
 class ModelServer:
-    """One running server. ``await start()``, then ``await stop()`` (or :func:`run`)."""
+    """One running server. ``await start()``, then ``await stop()`` (or :func:`run`).
 
-    def __init__(self, settings: Settings) -> None:
+    With ``worker`` it is one of several processes on the port (``server.workers``): it binds
+    with SO_REUSEPORT, serves no metrics port of its own (the supervisor sums everyone's),
+    and is SERVING only while every worker is.
+    """
+
+    def __init__(self, settings: Settings, worker: WorkerLink | None = None) -> None:
         s = settings
         self.settings = s
+        self.worker = worker
         self.metrics = ServerMetrics()
         self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes)
         self.manager = ModelManager(
@@ -75,18 +83,22 @@ class ModelServer:
             batch_timeout_s=s.batch_timeout_ms / 1000.0,
             metrics=self.metrics,
             on_failure=self._batcher_failed,
-            arriving=lambda: self.calls.active - self.batcher.unresolved,
+            # calls taken in that have not reached the batcher yet (a stream is not one: its
+            # images come on their own schedule)
+            arriving=lambda: (
+                self.calls.active
+                - self.calls.active_by_method["PredictStream"]
+                - self.batcher.unresolved
+            ),
         )
         self.draining = False
         self.health = Health(
             [SERVICE_NAME],
             self.metrics,
-            [
-                lambda: self.manager.current is not None,
-                lambda: self.batcher.alive,
-                lambda: not self.draining,
-            ],
+            [self._serves_itself],
         )
+        if worker is not None:
+            self.health.add_condition(worker.all_serving)
         self.exit_code = 0
         self.fatal = asyncio.Event()  # set when the process must stop (batcher failed)
         self.port = 0
@@ -94,11 +106,15 @@ class ModelServer:
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsServer | None = None
         self._follow: asyncio.Task[None] | None = None
+        self._report: asyncio.Task[None] | None = None
         self._track_gauges()
+
+    def _serves_itself(self) -> bool:
+        return self.manager.current is not None and self.batcher.alive and not self.draining
 
     def _track_gauges(self) -> None:
         m = self.metrics
-        for method in ("Predict", "BatchPredict", "GetModelInfo"):
+        for method in ("Predict", "BatchPredict", "GetModelInfo", "PredictStream"):
             m.track(m.inflight.labels(method), self._active_calls(method))
 
     def _active_calls(self, method: str) -> Callable[[], int]:
@@ -122,20 +138,22 @@ class ModelServer:
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.max_concurrent_streams", s.max_concurrent_streams),
-                ("grpc.so_reuseport", 0),
+                # workers share the port; a lone server must fail on a port already taken
+                ("grpc.so_reuseport", 1 if self.worker is not None else 0),
             ],
         )
         token = _read_token(s.auth_token_file)
         auth = rpc.Authenticator(b"Bearer " + token if token is not None else None)
         servicer = DigitClassifier(self.batcher, self.manager, s)
-        rpc.register(
-            server,
-            SERVICE_NAME,
-            {
-                name: rpc.UnaryMethod(name, impl, self.calls, self.metrics, auth)
-                for name, impl in servicer.unary_methods().items()
-            },
-        )
+        methods: dict[str, rpc.Method] = {
+            name: rpc.UnaryMethod(name, impl, self.calls, self.metrics, auth)
+            for name, impl in servicer.unary_methods().items()
+        }
+        methods["PredictStream"] = StreamMethod(
+            "PredictStream", servicer, self.batcher, self.calls, self.metrics, auth,
+            window=s.max_stream_images, precondition=servicer.check_ready,
+        )  # fmt: skip
+        rpc.register(server, SERVICE_NAME, methods)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
@@ -156,27 +174,40 @@ class ModelServer:
             self.port = self._grpc.add_secure_port(address, creds)
         else:
             self.port = self._grpc.add_insecure_port(address)
-        self._metrics_http = MetricsServer(
-            s.metrics_host,
-            s.metrics_port,
-            self.metrics.registry,
-            ready=lambda: self.health.serving,
-            token=metrics_token,
-            tls_cert=s.metrics_tls_cert,
-            tls_key=s.metrics_tls_key,
-        )
-        self.metrics_port = self._metrics_http.port
+        if self.worker is None:
+            self._metrics_http = MetricsServer(
+                s.metrics_host,
+                s.metrics_port,
+                self.metrics.registry,
+                ready=lambda: self.health.serving,
+                token=metrics_token,
+                tls_cert=s.metrics_tls_cert,
+                tls_key=s.metrics_tls_key,
+            )
+            self.metrics_port = self._metrics_http.port
         self.batcher.start()
         await self._grpc.start()
-        self._metrics_http.start()
+        if self._metrics_http is not None:
+            self._metrics_http.start()
         self.health.publish_to(s.ready_file, self._facts)
         await self.health.update()
+        metrics_at = f"on {s.metrics_host}:{self.metrics_port}" if self._metrics_http else "summed"
         log.info(
-            "listening: %s on %s:%d (%s), metrics on %s:%d (%s)",
-            SERVICE_NAME, s.host, self.port, "TLS" if creds else "plaintext",
-            s.metrics_host, self.metrics_port, "HTTPS" if self._metrics_http.tls else "HTTP",
+            "listening: %s on %s:%d (%s), metrics %s", SERVICE_NAME, s.host, self.port,
+            "TLS" if creds else "plaintext", metrics_at,
         )  # fmt: skip
-        self._follow = asyncio.get_running_loop().create_task(self._load_and_follow())
+        loop = asyncio.get_running_loop()
+        self._follow = loop.create_task(self._load_and_follow())
+        if self.worker is not None:
+            self._report = loop.create_task(self._report_to_peers(self.worker))
+
+    async def _report_to_peers(self, worker: WorkerLink) -> None:
+        """Tell the others whether this worker serves, and follow whether they all do."""
+        while True:
+            worker.report(self._serves_itself())
+            await self.health.update()
+            self.metrics.refresh()
+            await asyncio.sleep(REPORT_SECONDS)
 
     def _facts(self) -> dict[str, Any]:
         model = self.manager.current
@@ -213,9 +244,12 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", s.grace_seconds)
         self.draining = True
+        if self.worker is not None:
+            self.worker.report(False)
         await self.health.update()
-        if self._follow is not None:
-            self._follow.cancel()
+        for task in (self._follow, self._report):
+            if task is not None:
+                task.cancel()
         if s.pre_stop_seconds:
             await asyncio.sleep(s.pre_stop_seconds)
         deadline = loop.time() + s.grace_seconds
@@ -241,9 +275,9 @@ class ModelServer:
         )
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, worker: WorkerLink | None = None) -> int:
     """Serve until SIGTERM or SIGINT (or a fatal error), then drain; return the exit status."""
-    server = ModelServer(settings)
+    server = ModelServer(settings, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -257,9 +291,3 @@ async def run(settings: Settings) -> int:
     await asyncio.wait([loop.create_task(stop.wait()), fatal], return_when="FIRST_COMPLETED")
     await server.stop()
     return server.exit_code
-
-
-def check_model_dir(path: Path) -> None:
-    """Fail early on a model dir that cannot exist (it may be empty: versions can arrive later)."""
-    if path.exists() and not path.is_dir():
-        raise SystemExit(f"{path}: --model-dir is not a directory")

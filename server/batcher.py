@@ -4,6 +4,9 @@ Contract
 --------
 * ``await batcher.submit(images, deadline)`` takes uint8 images ``[N, 28, 28]`` and returns
   ``(probabilities [N, 10], versions [N])`` for exactly those images, in order.
+  ``enqueue(images, deadline)`` does the same without waiting: the returned :class:`Pending`'s
+  future resolves with that answer, and ``abandon(pending)`` gives a place back that its
+  caller no longer wants (a stream that was cancelled).
 * Requests are served first come, first served. One model call runs at a time, on the
   batcher's own thread, never on the event loop. When the model is free, the thread runs
   whatever is queued at that moment, up to ``max_batch_size`` images: an idle server adds no
@@ -76,7 +79,9 @@ BatchResult = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass(eq=False)
-class _Request:
+class Pending:
+    """A request in the batcher: its images, and the future its answer resolves."""
+
     images: np.ndarray
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
@@ -92,7 +97,7 @@ class _Request:
 
 @dataclass(frozen=True)
 class _Slice:
-    request: _Request
+    request: Pending
     start: int
     stop: int
 
@@ -123,7 +128,7 @@ class DynamicBatcher:
         self.unresolved = 0  # requests submitted and not yet answered (event loop only)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled when requests arrive or stop
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._queue: collections.deque[Pending] = collections.deque()
         self._queued_images = 0
         self._stopping = False
         self._failed: BaseException | None = None
@@ -156,13 +161,25 @@ class DynamicBatcher:
 
     async def submit(self, images: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Queue ``images`` for the model and wait for their probabilities and versions."""
+        if len(images) == 0:
+            return np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64)
+        request = self.enqueue(images, deadline)
+        self.unresolved += 1
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self.abandon(request)
+            raise
+        finally:
+            self.unresolved -= 1
+
+    def enqueue(self, images: np.ndarray, deadline: float | None = None) -> Pending:
+        """Queue ``images`` (at least one) and return at once; see the contract."""
         n = len(images)
         loop = self._loop
         if loop is None:
             raise Unavailable("batcher not started")
-        if n == 0:
-            return np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64)
-        request = _Request(images, deadline, time.monotonic(), loop.create_future())
+        request = Pending(images, deadline, time.monotonic(), loop.create_future())
         with self._lock:  # checked under the lock: the thread ends once stopping and empty
             if self._stopping or self._failed is not None:
                 raise Unavailable(
@@ -180,15 +197,14 @@ class DynamicBatcher:
                 self._wake_scheduled = True
         if wake:
             loop.call_soon(self._wake)
-        self.unresolved += 1
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            with self._lock:  # still (partly) queued: release its place now
-                self._release(request)
-            raise
-        finally:
-            self.unresolved -= 1
+        return request
+
+    def abandon(self, request: Pending) -> None:
+        """Give back the queue place of a request nobody waits for any more."""
+        with self._lock:  # still (partly) queued: release its place now
+            self._release(request)
+        if not request.future.done():
+            request.future.cancel()
 
     def _wake(self) -> None:
         # Once per loop turn. A filling thread is only woken when its batch is full or nothing
@@ -265,13 +281,13 @@ class DynamicBatcher:
         self._work.wait(timeout)
         self._state = "busy"
 
-    def _take_batch(self, now: float) -> tuple[list[_Slice], list[_Request]]:
+    def _take_batch(self, now: float) -> tuple[list[_Slice], list[Pending]]:
         """Pop up to max_batch_size images from the head; split the last request if needed.
 
         Returns the batch and the requests whose deadline passed. Called under the lock.
         """
         batch: list[_Slice] = []
-        expired: list[_Request] = []
+        expired: list[Pending] = []
         room = self.max_batch_size
         queue_seconds = self._metrics.queue_seconds
         while room and self._queue:
@@ -319,7 +335,7 @@ class DynamicBatcher:
         self._metrics.batch_size.observe(n)
         self._post(self._deliver, batch, probs, version)
 
-    def _release(self, req: _Request) -> None:
+    def _release(self, req: Pending) -> None:
         """Take a request's images that are still queued out of the count. Under the lock."""
         if req.waiting_images:
             self._queued_images -= req.waiting_images
@@ -335,7 +351,7 @@ class DynamicBatcher:
     # --- back on the event loop
 
     @staticmethod
-    def _fail_all(requests: list[_Request], error: Exception) -> None:
+    def _fail_all(requests: list[Pending], error: Exception) -> None:
         for req in requests:
             if not req.future.done():
                 req.future.set_exception(error)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 
 from server.errors import ResourceExhausted, Unavailable
 
@@ -30,6 +31,7 @@ class CallTracker:
         self.answered: collections.Counter[str] = collections.Counter()  # by status code name
         self.draining = False
         self._idle: asyncio.Event | None = None  # set when active drops to 0 while draining
+        self._drain_listeners: set[Callable[[], None]] = set()  # streams that must stop reading
 
     def admit(self, method: str) -> None:
         """Take a call in, or refuse it at once. Every admitted call must :meth:`finish`."""
@@ -65,12 +67,24 @@ class CallTracker:
             if self.active == 0 and self._idle is not None:
                 self._idle.set()
 
+    def on_drain(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when the drain begins (a stream stops reading then)."""
+        if self.draining:
+            listener()
+        self._drain_listeners.add(listener)
+
+    def off_drain(self, listener: Callable[[], None]) -> None:
+        self._drain_listeners.discard(listener)
+
     async def drain(self, timeout: float) -> bool:
-        """Refuse new calls from now on and wait up to ``timeout`` s for those in flight.
+        """Refuse new calls from now on, tell streams to stop reading, and wait up to
+        ``timeout`` s for the calls in flight.
 
         Returns True when every call in flight finished in time.
         """
         self.draining = True
+        for listener in list(self._drain_listeners):
+            listener()
         if self.active == 0:
             return True
         self._idle = asyncio.Event()

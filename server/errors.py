@@ -39,6 +39,12 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Internal(ServiceError):
+    """A bug, answered without its detail (the detail goes to the log)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class ModelFailed(ServiceError):
     """The model call for a batch raised; every request in that batch gets this status."""
 

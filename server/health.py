@@ -9,7 +9,6 @@ cheap and idempotent, so whoever changes one of the facts calls it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -19,18 +18,12 @@ from typing import Any
 from grpc_health.v1 import health, health_pb2
 
 from server.metrics import ServerMetrics
+from server.ready_file import write_ready_file
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def write_ready_file(path: Path, content: dict[str, Any]) -> None:
-    """Replace ``path`` with ``content`` as JSON, atomically (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class Health:

@@ -18,7 +18,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -37,9 +37,7 @@ class Call:
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self.context = context
-        remaining = context.time_remaining()
-        # time.monotonic() seconds, the batcher's clock; None: no deadline
-        self.deadline = None if remaining is None else time.monotonic() + remaining
+        self.deadline = deadline_of(context)
         self.images = 0  # set by the implementation once it knows, for the metrics
 
 
@@ -64,7 +62,14 @@ class Authenticator:
         raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
 
 
-def _cancelled_code(context: grpc.aio.ServicerContext) -> str:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline in ``time.monotonic()`` seconds (the batcher's clock), or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def ended_code(context: grpc.aio.ServicerContext) -> str:
+    """How to count a call that gRPC ended before we answered it."""
     remaining = context.time_remaining()
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
@@ -112,10 +117,10 @@ class UnaryMethod:
                 # The status could not be sent: gRPC had already ended the call (the client
                 # went away, or the C core refused the message, e.g. one larger than
                 # --max-message-bytes, which the client sees as RESOURCE_EXHAUSTED).
-                code = _cancelled_code(context)
+                code = ended_code(context)
                 raise asyncio.CancelledError from None
         except asyncio.CancelledError:
-            code = _cancelled_code(context)
+            code = ended_code(context)
             raise
         except Exception:
             code = "INTERNAL"
@@ -129,11 +134,18 @@ class UnaryMethod:
             self.metrics.observe_rpc(self.name, code, images, time.perf_counter() - started)
         raise AssertionError("unreachable: context.abort raises")
 
+    def rpc_handler(self) -> grpc.RpcMethodHandler:
+        """The handler to register (stream-unary: see the module docstring)."""
+        return grpc.stream_unary_rpc_method_handler(self.handle)
 
-def register(server: grpc.aio.Server, service: str, methods: dict[str, UnaryMethod]) -> None:
+
+class Method(Protocol):
+    """Anything that serves one RPC (:class:`UnaryMethod`, ``server.streams.StreamMethod``)."""
+
+    def rpc_handler(self) -> grpc.RpcMethodHandler: ...
+
+
+def register(server: grpc.aio.Server, service: str, methods: dict[str, Method]) -> None:
     """Register ``methods`` of ``service`` with the C core (before the server starts)."""
-    handlers = {
-        name: grpc.stream_unary_rpc_method_handler(method.handle)
-        for name, method in methods.items()
-    }
+    handlers = {name: method.rpc_handler() for name, method in methods.items()}
     server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]

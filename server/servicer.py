@@ -8,6 +8,9 @@ answer back to bytes) and delegates; admission, auth, status mapping and metrics
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import numpy as np
 
 from mnist_client.contract import (
     INPUT_DTYPE,
@@ -20,10 +23,11 @@ from mnist_client.contract import (
 from mnist_client.pb import digit_classifier_pb2 as pb
 from server import wire
 from server.batcher import DynamicBatcher
-from server.errors import Unavailable
+from server.errors import ServiceError, Unavailable
 from server.manager import ModelManager
 from server.rpc import Call, UnaryImpl
 from server.settings import Settings
+from server.streams import ItemError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
 
@@ -44,23 +48,39 @@ class DigitClassifier:
             "GetModelInfo": self.get_model_info,
         }
 
-    def _check_ready(self) -> None:
+    def check_ready(self) -> None:
+        """Refuse work while no model version is loaded (UNAVAILABLE: retry elsewhere)."""
         if self._manager.current is None:
             raise Unavailable("no model version is loaded yet")
 
     async def predict(self, raw: bytes, call: Call) -> bytes:
         call.images = 1
         images = wire.parse_predict(raw)
-        self._check_ready()
+        self.check_ready()
         probs, versions = await self._batcher.submit(images, call.deadline)
         return wire.encode_predict(probs[0], int(versions[0]))
 
     async def batch_predict(self, raw: bytes, call: Call) -> bytes:
         images = wire.parse_batch_predict(raw, self._settings.max_images_per_request)
         call.images = len(images)
-        self._check_ready()
+        self.check_ready()
         probs, versions = await self._batcher.submit(images, call.deadline)
         return wire.encode_batch_predict(probs, versions)
+
+    # PredictStream: the codec that server.streams.StreamMethod reads and answers with
+
+    def read(self, raw: bytes) -> tuple[int, np.ndarray]:
+        """A PredictStreamRequest's id and image; a wrong image is that id's own error."""
+        try:
+            return wire.parse_stream_request(raw)
+        except wire.StreamImageError as err:
+            raise ItemError(err.request_id, err) from None
+
+    def answer(self, key: Any, probabilities: np.ndarray, versions: np.ndarray) -> bytes:
+        return wire.encode_stream_prediction(key, probabilities[0], int(versions[0]))
+
+    def fail(self, key: Any, error: ServiceError) -> bytes:
+        return wire.encode_stream_error(key, error.code.value[0], error.message)
 
     async def get_model_info(self, raw: bytes, call: Call) -> bytes:
         wire.parse_empty(raw)

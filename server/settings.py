@@ -23,6 +23,7 @@ class Settings:
     """Everything the server can be told. Field names match the flags (``--max-batch-size``)."""
 
     model_dir: Path
+    workers: int = 1
     host: str = "0.0.0.0"
     port: int = 8500
     metrics_host: str = "127.0.0.1"
@@ -41,6 +42,7 @@ class Settings:
     max_message_bytes: int = 8 * 1024 * 1024
     max_concurrent_streams: int = 1024
     max_concurrent_rpcs: int = 256
+    max_stream_images: int = 256
     max_inflight_bytes: int = 64 * 1024 * 1024
     poll_seconds: float = 2.0
     grace_seconds: float = 20.0
@@ -53,6 +55,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.workers < 1:
+            problems.append("--workers must be >= 1 (or auto)")
         if self.model_threads < 0:
             problems.append("--model-threads must be >= 0")
         if self.runtime not in RUNTIMES:
@@ -67,8 +71,8 @@ class Settings:
             problems.append("--max-queue-images must be >= --max-images-per-request")
         if self.max_message_bytes < self.max_images_per_request * 790:
             problems.append("--max-message-bytes is too small for --max-images-per-request")
-        if self.max_concurrent_rpcs < 1:
-            problems.append("--max-concurrent-rpcs must be >= 1")
+        if self.max_concurrent_rpcs < 1 or self.max_stream_images < 1:
+            problems.append("--max-concurrent-rpcs and --max-stream-images must be >= 1")
         if self.max_inflight_bytes < self.max_message_bytes:
             problems.append("--max-inflight-bytes must be >= --max-message-bytes")
         if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
@@ -85,6 +89,8 @@ class Settings:
 
 _HELP = {
     "model_dir": "folder of integer model versions (MODEL_DIR/1, MODEL_DIR/2, ...)",
+    "workers": "server processes sharing the gRPC port, each with its own batcher and model "
+    "(auto = one per core); metrics of all of them on the one metrics port",
     "host": "address the gRPC port binds to",
     "port": "gRPC port (0 = pick a free one)",
     "metrics_host": "address the metrics port (/metrics, /readyz) binds to; 0.0.0.0 = all",
@@ -108,6 +114,8 @@ _HELP = {
     "new calls get RESOURCE_EXHAUSTED at once",
     "max_inflight_bytes": "most request bytes held by calls in flight; beyond this new calls "
     "get RESOURCE_EXHAUSTED",
+    "max_stream_images": "most images in flight per PredictStream (read, not yet answered); at "
+    "this the server stops reading the stream until answers go out",
     "poll_seconds": "how often the model folder is checked for new versions",
     "grace_seconds": "on SIGTERM, time allowed to finish accepted requests",
     "pre_stop_seconds": "on SIGTERM, time to keep serving after health turns NOT_SERVING",
@@ -128,7 +136,16 @@ def env_var(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def _converter(annotation: str) -> Any:
+def _workers(text: str) -> int:
+    """``--workers``: a count, or ``auto`` for one per core."""
+    if text == "auto":
+        return os.cpu_count() or 1
+    return int(text)
+
+
+def _converter(name: str, annotation: str) -> Any:
+    if name == "workers":
+        return _workers
     if "Path" in annotation:
         return Path
     if annotation.startswith("int"):
@@ -146,14 +163,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(Settings):
-        convert = _converter(str(f.type))
+        convert = _converter(f.name, str(f.type))
         env = env_var(f.name)
         default = f.default if f.name != "model_dir" else None
         if env in environ:
             try:
                 default = convert(environ[env])
             except ValueError:
-                parser.error(f"{env}={environ[env]!r} is not a valid {convert.__name__}")
+                kind = "int" if f.name == "workers" else convert.__name__
+                parser.error(f"{env}={environ[env]!r} is not a valid {kind}")
         required = f.name == "model_dir" and default is None
         parser.add_argument(
             _flag(f.name),

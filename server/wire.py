@@ -287,3 +287,32 @@ def encode_batch_predict(probabilities: np.ndarray, versions: np.ndarray) -> byt
         _packed(2, probabilities.astype(_LITTLE_F32, copy=False).tobytes()),
         _packed(3, packed_varints(versions)),
     ))  # fmt: skip
+
+
+_STREAM_ID_TAG = _tag(1, _VARINT)
+_STREAM_PREDICTION_TAG = _tag(2, _LEN)
+_STREAM_ERROR_TAG = _tag(3, _LEN)
+_ERROR_CODE_TAG = _tag(1, _VARINT)
+_ERROR_MESSAGE_TAG = _tag(2, _LEN)
+
+
+def encode_stream_prediction(request_id: int, probabilities: np.ndarray, version: int) -> bytes:
+    """A PredictStreamResponse carrying one image's prediction."""
+    prediction = encode_predict(probabilities, version)
+    return b"".join((
+        _STREAM_ID_TAG + varint(request_id) if request_id else b"",
+        _STREAM_PREDICTION_TAG, varint(len(prediction)), prediction,
+    ))  # fmt: skip
+
+
+def encode_stream_error(request_id: int, code: int, message: str) -> bytes:
+    """A PredictStreamResponse carrying one image's error (a gRPC status code and message)."""
+    text = message.encode()
+    error = b"".join((
+        _ERROR_CODE_TAG + varint(code) if code else b"",
+        _ERROR_MESSAGE_TAG + varint(len(text)) + text if text else b"",
+    ))  # fmt: skip
+    return b"".join((
+        _STREAM_ID_TAG + varint(request_id) if request_id else b"",
+        _STREAM_ERROR_TAG, varint(len(error)), error,
+    ))  # fmt: skip

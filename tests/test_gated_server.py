@@ -39,6 +39,12 @@ class GatedRuntime:
         assert self.open.wait(30), "the test never opened the gate"
         return self.inner.predict(images)  # type: ignore[no-any-return]
 
+    def close(self) -> None:
+        """Hold the next calls; forget the calls so far."""
+        self.open.clear()
+        self.calls.clear()
+        self.entered = threading.Semaphore(0)
+
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.acquire, True, 30), "model was not called"
 
@@ -91,8 +97,7 @@ async def test_callers_that_arrive_while_the_model_is_busy_share_one_call(
     n = 50
     async with AsyncDigitClient(_target(server)) as client:
         expected = (await client.batch_predict(x[:n])).digits.tolist()
-        gate.calls.clear()
-        gate.open.clear()
+        gate.close()
         first = asyncio.ensure_future(client.predict(x[0]))
         await gate.wait_entered()  # the model is busy with the first caller
         rest = [asyncio.ensure_future(client.predict(x[i])) for i in range(1, n)]
@@ -109,8 +114,7 @@ async def test_a_request_whose_deadline_passes_while_queued_never_reaches_the_mo
     server, gate = gated
     x, _ = mnist_test
     async with AsyncDigitClient(_target(server)) as client:
-        gate.calls.clear()
-        gate.open.clear()
+        gate.close()
         blocker = asyncio.ensure_future(client.predict(x[0]))
         await gate.wait_entered()
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -130,8 +134,7 @@ async def test_cancelled_calls_never_reach_the_model_and_leave_nothing_behind(
     server, gate = gated
     x, _ = mnist_test
     async with AsyncDigitClient(_target(server)) as client:
-        gate.calls.clear()
-        gate.open.clear()
+        gate.close()
         blocker = asyncio.ensure_future(client.predict(x[0]))
         await gate.wait_entered()
         doomed = [asyncio.ensure_future(client.batch_predict(x[:64])) for _ in range(8)]
@@ -219,7 +222,7 @@ async def test_calls_beyond_the_admission_limit_are_refused_at_once(
     x, _ = mnist_test
     try:
         async with AsyncDigitClient(_target(server)) as client:
-            gate.open.clear()
+            gate.close()
             held = [asyncio.ensure_future(client.predict(x[0]))]
             await gate.wait_entered()
             held += [asyncio.ensure_future(client.predict(x[i])) for i in (1, 2, 3)]
@@ -252,7 +255,7 @@ async def test_request_bytes_beyond_the_budget_are_refused(
     x, _ = mnist_test
     try:
         async with AsyncDigitClient(_target(server)) as client:
-            gate.open.clear()
+            gate.close()
             held = asyncio.ensure_future(client.batch_predict(x[:100]))  # 78,700 bytes
             await gate.wait_entered()
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -263,6 +266,150 @@ async def test_request_bytes_beyond_the_budget_are_refused(
             assert len(await held) == 100
             assert len(await client.batch_predict(x[100:200])) == 100  # budget given back
         assert server.calls.bytes == 0
+    finally:
+        gate.open.set()
+        await server.stop()
+
+
+# --- PredictStream
+
+
+def _stream_message(request_id: int, image: bytes) -> bytes:
+    from mnist_client.pb import digit_classifier_pb2 as pb
+
+    return pb.PredictStreamRequest(id=request_id, image=image).SerializeToString()
+
+
+def _stream_call(channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+    from mnist_client.pb import digit_classifier_pb2 as pb
+
+    return channel.stream_stream(
+        "/mnist.v1.DigitClassifier/PredictStream",
+        response_deserializer=pb.PredictStreamResponse.FromString,
+    )
+
+
+async def test_a_stream_gives_unary_answers_and_a_bad_image_fails_alone(
+    gated: tuple[ModelServer, GatedRuntime], mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, _ = gated
+    x, _ = mnist_test
+    async with AsyncDigitClient(_target(server)) as client:
+        unary = (await client.batch_predict(x[:2000])).digits.tolist()
+        results = [r async for r in client.predict_stream(x[:2000])]
+    assert sorted(r.id for r in results) == list(range(2000))
+    assert [r.prediction.digit for r in sorted(results, key=lambda r: r.id)] == unary  # type: ignore[union-attr]
+    assert {r.prediction.model_version for r in results} == {1}  # type: ignore[union-attr]
+
+    messages = [_stream_message(i, x[i].tobytes()) for i in range(10)]
+    messages[4] = _stream_message(4, b"\x01" * 783)  # a wrong image in the middle
+    async with grpc.aio.insecure_channel(_target(server)) as channel:
+        answers = [a async for a in _stream_call(channel)(iter(messages))]
+    by_id = {a.id: a for a in answers}
+    assert sorted(by_id) == list(range(10))
+    assert by_id[4].WhichOneof("result") == "error"
+    assert by_id[4].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "image has 783 bytes" in by_id[4].error.message
+    assert [by_id[i].prediction.digit for i in (0, 9)] == [unary[0], unary[9]]
+    reg = server.metrics.registry
+    labels = {"method": "PredictStream"}
+    assert reg.get_sample_value("mnist_requests_total", {**labels, "code": "OK"}) == 2
+    assert reg.get_sample_value("mnist_images_total", {**labels, "code": "OK"}) == 2009
+    assert reg.get_sample_value("mnist_images_total", {**labels, "code": "INVALID_ARGUMENT"}) == 1
+
+
+async def test_a_stream_stops_reading_at_its_window_and_gives_back_everything_on_cancel(
+    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = await _start(trained_model_dir, "--max-stream-images", "8")
+    x, _ = mnist_test
+    try:
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            gate.close()
+            call = _stream_call(channel)(
+                iter([_stream_message(i, x[i % 100].tobytes()) for i in range(500)])
+            )  # a sender that never reads its answers
+            await gate.wait_entered()
+            computing = len(gate.calls[0])  # the first images read share the first call
+
+            def in_flight() -> int:
+                return computing + server.batcher.queued_images
+
+            await _until(lambda: in_flight() == 8)
+            await asyncio.sleep(0.5)
+            assert in_flight() == 8  # the window holds: nothing more was read
+            assert server.calls.active == 1
+            call.cancel()
+            await _until(lambda: server.calls.active == 0)
+            assert server.batcher.queued_images == 0  # the cancelled stream let its places go
+            gate.open.set()
+        reg = server.metrics.registry
+        assert reg.get_sample_value("mnist_queue_images") == 0
+        assert reg.get_sample_value("mnist_inflight_requests", {"method": "PredictStream"}) == 0
+        assert server.calls.answered["CANCELLED"] == 1
+    finally:
+        gate.open.set()
+        await server.stop()
+
+
+async def test_a_drain_answers_every_image_read_then_ends_the_stream_unavailable(
+    gated: tuple[ModelServer, GatedRuntime], mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    server, gate = gated
+    x, _ = mnist_test
+    sent = asyncio.Event()
+
+    async def messages():  # type: ignore[no-untyped-def]
+        for i in range(20):
+            yield _stream_message(i, x[i].tobytes())
+        sent.set()
+        await asyncio.sleep(3600)  # keeps the stream open: the server ends it
+
+    async with grpc.aio.insecure_channel(_target(server)) as channel:
+        gate.close()
+        call = _stream_call(channel)(messages())
+        await sent.wait()
+        await gate.wait_entered()
+        await _until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 20)
+        stopping = asyncio.ensure_future(server.stop())
+        await _until(lambda: server.draining)
+        gate.open.set()
+        answers = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for answer in call:
+                answers.append(answer)
+        await stopping
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert sorted(a.id for a in answers) == list(range(20))  # every image read was answered
+
+
+async def test_a_stream_goes_on_across_a_hot_swap(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(trained_model_dir / "1", models / "1")
+    server, gate = await _start(models, "--poll-seconds", "3600")
+    x, _ = mnist_test
+    try:
+        async with AsyncDigitClient(_target(server)) as client:
+            gate.close()
+
+            async def collect() -> list:  # type: ignore[type-arg]
+                return [r async for r in client.predict_stream(x[:30])]
+
+            stream = asyncio.ensure_future(collect())
+            await gate.wait_entered()
+            await _until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 30)
+            shutil.copytree(trained_model_dir / "1", models / "2")
+            assert await asyncio.to_thread(server.manager.refresh)  # version 2 now serves
+            gate.open.set()
+            answers = await stream
+        versions = {r.id: r.prediction.model_version for r in answers}
+        assert sorted(versions) == list(range(30))
+        first = {i for i, v in versions.items() if v == 1}
+        assert len(first) == len(gate.calls[0]) and set(versions.values()) == {1, 2}
     finally:
         gate.open.set()
         await server.stop()

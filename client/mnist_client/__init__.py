@@ -12,6 +12,8 @@ from mnist_client.client import (
     DigitClient,
     ModelInfo,
     Prediction,
+    PredictionError,
+    StreamResult,
 )
 from mnist_client.images import IMAGE_BYTES, ImageError, to_batch, to_image_bytes
 
@@ -24,6 +26,8 @@ __all__ = [
     "ImageError",
     "ModelInfo",
     "Prediction",
+    "PredictionError",
+    "StreamResult",
     "to_batch",
     "to_image_bytes",
 ]

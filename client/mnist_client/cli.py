@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from mnist_client.client import DEFAULT_TIMEOUT_S, DigitClient
+from mnist_client.client import DEFAULT_TIMEOUT_S, DigitClient, Prediction
 from mnist_client.images import ImageError, to_image_bytes
 
 
@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     predict = sub.add_parser("predict", parents=[common], help="classify image files")
     predict.add_argument("files", nargs="+", type=Path, help="PNG/JPEG/... or 784-byte raw files")
+    predict.add_argument(
+        "--stream", action="store_true",
+        help="send the files over one PredictStream; print each answer as it arrives",
+    )  # fmt: skip
     sub.add_parser("info", parents=[common], help="show the model being served")
     health = sub.add_parser("health", parents=[common], help="standard gRPC health check")
     health.add_argument("--service", default="", help='service name ("" = whole server)')
@@ -46,7 +50,11 @@ def _client(args: argparse.Namespace) -> DigitClient:
     )
 
 
-def _predict(client: DigitClient, files: Sequence[Path]) -> int:
+def _line(name: str, pred: Prediction) -> str:
+    return f"{name}: {pred.digit} (p={pred.confidence:.4f}, model v{pred.model_version})"
+
+
+def _predict(client: DigitClient, files: Sequence[Path], stream: bool) -> int:
     images, names, failed = [], [], 0
     for path in files:
         try:
@@ -55,10 +63,19 @@ def _predict(client: DigitClient, files: Sequence[Path]) -> int:
         except ImageError as err:
             print(f"{path}: error: {err}", file=sys.stderr)
             failed += 1
-    if images:
+    if images and stream:
+        for result in client.predict_stream(images):
+            if result.prediction is not None:
+                print(_line(names[result.id], result.prediction), flush=True)
+            else:
+                assert result.error is not None
+                print(f"{names[result.id]}: error: {result.error.code.name}: "
+                      f"{result.error.message}", file=sys.stderr)  # fmt: skip
+                failed += 1
+    elif images:
         batch = client.batch_predict(images)
         for name, pred in zip(names, (batch[i] for i in range(len(batch))), strict=False):
-            print(f"{name}: {pred.digit} (p={pred.confidence:.4f}, model v{pred.model_version})")
+            print(_line(name, pred))
     return 1 if failed else 0
 
 
@@ -68,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             if args.command == "predict":
-                return _predict(client, args.files)
+                return _predict(client, args.files, args.stream)
             if args.command == "info":
                 info = client.model_info()
                 print(json.dumps(vars(info), indent=2, default=str))

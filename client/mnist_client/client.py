@@ -8,7 +8,7 @@ exponential backoff and nothing else, so a request the server rejected is never 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,28 @@ class BatchPrediction:
 
 
 @dataclass(frozen=True)
+class PredictionError:
+    """Why one image of a stream got no prediction: a gRPC status code and a message."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One answer of :meth:`DigitClient.predict_stream`: the image's index in the input, and
+    its prediction or its error (exactly one of the two is set)."""
+
+    id: int
+    prediction: Prediction | None = None
+    error: PredictionError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the server is serving (see ``GetModelInfo`` in the proto)."""
 
@@ -107,6 +129,44 @@ def _batch_prediction(resp: pb.BatchPredictResponse) -> BatchPrediction:
     return BatchPrediction(
         np.array(resp.digits, np.int64), probs, np.array(resp.model_versions, np.int64)
     )
+
+
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def _stream_result(resp: pb.PredictStreamResponse) -> StreamResult:
+    if resp.HasField("prediction"):
+        return StreamResult(resp.id, prediction=_prediction(resp.prediction))
+    code = _STATUS_BY_VALUE.get(resp.error.code, grpc.StatusCode.UNKNOWN)
+    return StreamResult(resp.id, error=PredictionError(code, resp.error.message))
+
+
+class _StreamRequests:
+    """The request messages of a stream, converted one by one as gRPC asks for them.
+
+    A conversion error ends the stream (sent images are still answered) and is raised to the
+    caller after the answers, instead of becoming an opaque CANCELLED inside gRPC.
+    """
+
+    def __init__(self, images: Iterable[Any]) -> None:
+        self._images = iter(images)
+        self._next_id = 0
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[pb.PredictStreamRequest]:
+        return self
+
+    def __next__(self) -> pb.PredictStreamRequest:
+        if self.error is not None:
+            raise StopIteration
+        image = next(self._images)
+        try:
+            message = pb.PredictStreamRequest(id=self._next_id, image=to_image_bytes(image))
+        except Exception as err:  # the caller's input: raised after the stream ends
+            self.error = err
+            raise StopIteration from None
+        self._next_id += 1
+        return message
 
 
 def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
@@ -213,6 +273,10 @@ class _ClientBase:
             "metadata": self._cfg.metadata,
         }
 
+    def _stream_kw(self, timeout: float | None) -> dict[str, Any]:
+        # a stream lasts as long as its input: no deadline unless the caller gives one
+        return {"timeout": timeout, "metadata": self._cfg.metadata}
+
 
 class DigitClient(_ClientBase):
     """Blocking client. ``with DigitClient("localhost:8500") as c: c.predict(image)``.
@@ -236,6 +300,21 @@ class DigitClient(_ClientBase):
         """Classify many images in one call; answers come back in order."""
         resp = self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
         return _batch_prediction(resp)
+
+    def predict_stream(
+        self, images: Iterable[Any], *, timeout: float | None = None
+    ) -> Iterator[StreamResult]:
+        """Classify many images over one stream; yield each answer as it arrives.
+
+        ``images`` may be any iterable (a generator is read as the server takes images in);
+        answers may come out of order: each carries its image's index in ``images``. An image
+        the server cannot read gets an answer with ``error`` set; the stream goes on.
+        """
+        requests = _StreamRequests(images)
+        for resp in self._stub.PredictStream(requests, **self._stream_kw(timeout)):
+            yield _stream_result(resp)
+        if requests.error is not None:
+            raise requests.error
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The model version, architecture, device and batching settings being served."""
@@ -275,6 +354,17 @@ class AsyncDigitClient(_ClientBase):
         """Classify many images in one call; answers come back in order."""
         resp = await self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
         return _batch_prediction(resp)
+
+    async def predict_stream(
+        self, images: Iterable[Any], *, timeout: float | None = None
+    ) -> AsyncIterator[StreamResult]:
+        """The asyncio twin of :meth:`DigitClient.predict_stream`: an async iterator."""
+        requests = _StreamRequests(images)
+        call = self._stub.PredictStream(iter(requests), **self._stream_kw(timeout))
+        async for resp in call:
+            yield _stream_result(resp)
+        if requests.error is not None:
+            raise requests.error
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The model version, architecture, device and batching settings being served."""

@@ -47,9 +47,9 @@ if ! docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
     # the package registries' TLS is re-signed by a local CA here: the image must trust it too
     cp /usr/local/share/ca-certificates/*.crt $R/usr/local/share/ca-certificates/ 2>/dev/null || true
     chroot $R update-ca-certificates >/dev/null 2>&1
-    # as Debian's own slim images: no package cache, lists, docs or manuals
+    # as Debian's own slim images: no package cache, lists, docs, manuals or translations
     rm -rf $R/var/lib/apt/lists/* $R/var/cache/apt/*.bin $R/var/cache/apt/archives/*.deb \
-        $R/usr/share/doc/* $R/usr/share/man/* $R/usr/share/info/*
+        $R/usr/share/doc/* $R/usr/share/man/* $R/usr/share/info/* $R/usr/share/locale/*
     tar -C $R -c . | docker import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \

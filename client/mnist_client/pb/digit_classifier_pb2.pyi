@@ -39,6 +39,32 @@ class BatchPredictResponse(_message.Message):
     model_versions: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, digits: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class PredictStreamRequest(_message.Message):
+    __slots__ = ("id", "image")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    image: bytes
+    def __init__(self, id: _Optional[int] = ..., image: _Optional[bytes] = ...) -> None: ...
+
+class PredictStreamResponse(_message.Message):
+    __slots__ = ("id", "prediction", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    prediction: PredictResponse
+    error: ImageError
+    def __init__(self, id: _Optional[int] = ..., prediction: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ...) -> None: ...
+
+class ImageError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -54,6 +54,11 @@ class DigitClassifierStub:
                 request_serializer=mnist_dot_v1_dot_digit__classifier__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/mnist.v1.DigitClassifier/PredictStream',
+                request_serializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamRequest.SerializeToString,
+                response_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamResponse.FromString,
+                _registered_method=True)
 
 
 class DigitClassifierServicer:
@@ -84,6 +89,24 @@ class DigitClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PredictStream(self, request_iterator, context):
+        """Many images over one call, for callers that classify a lot (a scanner, a batch job): each
+        message is one image, each answer names the id it answers. Images from a stream share
+        model calls with each other and with every other caller.
+
+        * Answers come back as soon as they are ready, so possibly out of order: match them by
+        id (ids are the caller's; the SDK uses the image's index).
+        * An image that is wrong (e.g. not 784 bytes) gets its own error answer; the stream goes
+        on. A problem with the stream itself (authentication, a malformed message, the server
+        shutting down) ends it with a status, after every image already read is answered.
+        * At most a server-set number of images per stream are in flight; beyond that the
+        server stops reading until answers have gone out (HTTP/2 flow control then slows the
+        sender), so a fast sender cannot grow the server's memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DigitClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +124,11 @@ def add_DigitClassifierServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.GetModelInfoRequest.FromString,
                     response_serializer=mnist_dot_v1_dot_digit__classifier__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
+                    request_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamRequest.FromString,
+                    response_serializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +216,33 @@ class DigitClassifier:
             '/mnist.v1.DigitClassifier/GetModelInfo',
             mnist_dot_v1_dot_digit__classifier__pb2.GetModelInfoRequest.SerializeToString,
             mnist_dot_v1_dot_digit__classifier__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mnist.v1.DigitClassifier/PredictStream',
+            mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamRequest.SerializeToString,
+            mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,250 @@
+"""Streams of images over one call: read, batch, answer as ready, with bounded memory.
+
+A :class:`StreamMethod` serves a bidirectional stream whose every message is one image (or a
+few) with a caller-chosen key, and whose every answer carries that key. It is independent of
+the wire format: a :class:`StreamCodec` reads a message and writes the answers, so mnist.v1's
+PredictStream and other protocols' streams share the same machinery.
+
+Contract of one stream:
+
+* Each image read goes to the shared batcher at once; answers are written as soon as their
+  batch is computed, so possibly out of order.
+* At most ``window`` images are in flight (read, not yet answered). At the window the reader
+  stops reading, so HTTP/2 flow control slows the sender: a fast sender cannot grow the
+  server's memory.
+* An image that is wrong, or that the batcher refuses (queue full), or whose batch failed,
+  gets its own error answer; the stream goes on.
+* A malformed message ends the stream with INVALID_ARGUMENT, and the server draining ends it
+  with UNAVAILABLE; either way only after every image already read has been answered.
+* A cancelled or broken stream gives back everything it holds (queue places, bytes, its
+  in-flight count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from server.batcher import DynamicBatcher, Pending
+from server.calls import CallTracker
+from server.errors import Internal, ServiceError, Unavailable
+from server.metrics import ServerMetrics
+from server.rpc import Authenticator, deadline_of, ended_code
+
+log = logging.getLogger(__name__)
+
+
+class ItemError(ServiceError):
+    """One message's own error: answered with ``key``, and the stream goes on."""
+
+    def __init__(self, key: Any, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.key = key
+        self.code = error.code
+
+
+class StreamCodec(Protocol):
+    """How one protocol's stream messages are read and its answers written."""
+
+    def read(self, raw: bytes) -> tuple[Any, np.ndarray]:
+        """The message's key and its images ``[N, 28, 28]``.
+
+        Raises:
+            ItemError: this message is wrong; answer it with an error, read on.
+            ServiceError: the stream itself is broken; end it with this status.
+        """
+        ...
+
+    def answer(self, key: Any, probabilities: np.ndarray, versions: np.ndarray) -> bytes:
+        """The answer to the message ``key`` for its images' probabilities and versions."""
+        ...
+
+    def fail(self, key: Any, error: ServiceError) -> bytes:
+        """The error answer to the message ``key``."""
+        ...
+
+
+class StreamMethod:
+    """One bidirectional streaming RPC over the batcher; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        codec: StreamCodec,
+        batcher: DynamicBatcher,
+        calls: CallTracker,
+        metrics: ServerMetrics,
+        auth: Authenticator,
+        window: int,
+        precondition: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self.codec = codec
+        self.batcher = batcher
+        self.calls = calls
+        self.metrics = metrics
+        self.auth = auth
+        self.window = window
+        self.precondition = precondition  # raises a ServiceError to refuse a new stream
+        self.ok_images = metrics.images.labels(name, "OK")
+
+    async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        started = time.perf_counter()
+        code = "OK"
+        admitted = False
+        try:
+            self.calls.admit(self.name)
+            admitted = True
+            self.auth.check(context)
+            self.precondition()
+            await _Stream(self, context).run()
+        except ServiceError as err:
+            code = err.code.name
+            try:
+                await context.abort(err.code, err.message)
+            except grpc.aio.InternalError:  # gRPC ended the call already
+                code = ended_code(context)
+                raise asyncio.CancelledError from None
+        except asyncio.CancelledError:
+            code = ended_code(context)
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("unexpected error in %s", self.name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        finally:
+            self.calls.finish(self.name, code, admitted)
+            self.metrics.observe_rpc(self.name, code, 0, time.perf_counter() - started)
+
+    def rpc_handler(self) -> grpc.RpcMethodHandler:
+        """The handler to register: bidirectional, raw bytes both ways."""
+        return grpc.stream_stream_rpc_method_handler(self.handle)
+
+
+class _Stream:
+    """The state of one stream while it runs."""
+
+    def __init__(self, method: StreamMethod, context: grpc.aio.ServicerContext) -> None:
+        self.m = method
+        self.context = context
+        self.deadline = deadline_of(context)
+        self.in_flight = 0  # images read and not yet answered
+        self.pending: set[Pending] = set()
+        self.outbox: collections.deque[bytes] = collections.deque()
+        self.ready = asyncio.Event()  # an answer is in the outbox, or the reader ended
+        self.room = asyncio.Event()  # in_flight dropped below the window
+        self.draining = False
+        self.reading = False  # the reader waits for the next message
+        self.reader: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        self.reader = reader = asyncio.get_running_loop().create_task(self._read())
+        self.m.calls.on_drain(self._drain)
+        try:
+            await self._write_until_done(reader)
+            if self.draining:
+                raise Unavailable("server is shutting down; every image read was answered")
+            error = None if reader.cancelled() else reader.exception()
+            if error is not None:
+                raise error
+        finally:
+            self.m.calls.off_drain(self._drain)
+            if not reader.done():
+                reader.cancel()
+            for pending in self.pending:
+                self.m.batcher.abandon(pending)
+
+    def _drain(self) -> None:
+        """Stop reading (the server is going away); what was read is still answered."""
+        self.draining = True
+        if self.reading and self.reader is not None:
+            self.reader.cancel()  # waiting for a message that is not read any more
+        self.ready.set()
+        self.room.set()
+
+    async def _write_until_done(self, reader: asyncio.Task[None]) -> None:
+        write = self.context.write
+        while True:
+            while self.outbox:
+                await write(self.outbox.popleft())
+                self.in_flight -= 1
+                if self.in_flight < self.m.window:
+                    self.room.set()
+            if (reader.done() or self.draining) and self.in_flight == 0:
+                return
+            self.ready.clear()
+            await self.ready.wait()
+
+    async def _read(self) -> None:
+        try:
+            await self._read_messages()
+        finally:
+            self.ready.set()
+
+    async def _read_messages(self) -> None:
+        m, codec = self.m, self.m.codec
+        read = self.context.read
+        while not self.draining:
+            if self.in_flight >= m.window:
+                self.room.clear()
+                await self.room.wait()
+                continue
+            self.reading = True
+            try:
+                raw = await read()
+            finally:
+                self.reading = False
+            if not isinstance(raw, bytes):
+                return  # the caller closed its side
+            self.in_flight += 1  # read, so it will be answered, drain or not
+            try:
+                key, images = codec.read(raw)
+            except ItemError as err:
+                self._post(codec.fail(err.key, err), err.code.name)
+                continue
+            except ServiceError:  # a malformed message: the stream ends once answers are out
+                self.in_flight -= 1
+                raise
+            try:
+                pending = m.batcher.enqueue(images, self.deadline)
+            except Unavailable:  # the batcher is shutting down: end like a drain
+                self.in_flight -= 1
+                self.draining = True
+                return
+            except ServiceError as err:  # e.g. the queue is full: this image's own error
+                self._post(codec.fail(key, err), err.code.name)
+                continue
+            self.pending.add(pending)
+            pending.future.add_done_callback(self._answered(key, pending))
+
+    def _answered(self, key: Any, pending: Pending) -> Callable[[asyncio.Future[Any]], None]:
+        def done(future: asyncio.Future[Any]) -> None:
+            self.pending.discard(pending)
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is None:
+                probs, versions = future.result()
+                self.m.ok_images.inc(len(probs))
+                self._post(self.m.codec.answer(key, probs, versions), None)
+            elif isinstance(error, ServiceError):
+                self._post(self.m.codec.fail(key, error), error.code.name)
+            else:  # a bug: answered, logged, the stream goes on
+                log.error("stream image failed", exc_info=error)
+                self._post(self.m.codec.fail(key, Internal("internal server error")), "INTERNAL")
+
+        return done
+
+    def _post(self, answer: bytes, error_code: str | None) -> None:
+        if error_code is not None:
+            self.m.metrics.images.labels(self.m.name, error_code).inc()
+        self.outbox.append(answer)
+        self.ready.set()

@@ -1,0 +1,224 @@
+"""Several server processes on one port (``--workers N``): a supervisor and its workers.
+
+One Python process serves about one core, whatever the machine has. With ``--workers N``
+the supervisor starts N worker processes; each runs a complete server (its own batcher,
+model and event loop) on the same gRPC port with ``SO_REUSEPORT``, so the kernel spreads
+incoming connections across them. The supervisor itself never creates a gRPC object (gRPC's
+state does not survive a fork; the workers are started with ``spawn`` anyway, as fresh
+interpreters).
+
+* Health: each worker reports whether it serves into a shared array; every worker answers
+  SERVING only while all of them do, and so does the supervisor's ``/readyz`` and ready file.
+* Metrics: prometheus-client's multiprocess mode. Every process writes its values to files
+  in one folder; the supervisor's metrics port serves their sum.
+* A worker that dies is logged and restarted; the others keep serving meanwhile (and report
+  NOT_SERVING until the new one is ready).
+* SIGTERM / SIGINT: every worker drains as a single server does; the supervisor exits once
+  they all have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.sharedctypes
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from server.ready_file import write_ready_file
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RESTART_PAUSE_SECONDS = 1.0  # between a worker's death and its restart
+REPORT_SECONDS = 0.25  # how often a worker reports its state and reads its peers'
+
+
+class WorkerLink:
+    """What a worker shares with the supervisor and its peers: one slot per worker."""
+
+    def __init__(self, index: int, slots: Any) -> None:
+        self.index = index
+        self.slots = slots  # multiprocessing Array of bytes: 1 = that worker serves
+
+    def report(self, serving: bool) -> None:
+        self.slots[self.index] = 1 if serving else 0
+
+    def all_serving(self) -> bool:
+        return all(self.slots[:])
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound (not listening) with SO_REUSEPORT: it fixes the port number that the
+    workers bind again, for the supervisor's whole life (a restarted worker gets the same)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker_main(settings: Settings, index: int, slots: Any, log_level: str) -> None:
+    """A worker process: a complete server on the shared port (spawned, fresh interpreter)."""
+    import asyncio
+
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s",
+    )
+    from server.app import run
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+    raise SystemExit(asyncio.run(run(settings, WorkerLink(index, slots))))
+
+
+class Supervisor:
+    """Starts, watches and stops the workers; serves their summed metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.n = settings.workers
+        self._context = multiprocessing.get_context("spawn")
+        self._slots = self._context.Array("b", self.n, lock=False)
+        self._procs: list[Any] = [None] * self.n
+        self._stopping = threading.Event()
+        self.restarts = 0
+
+    def _spawn(self, index: int, worker_settings: Settings) -> None:
+        self._slots[index] = 0
+        proc = self._context.Process(
+            target=_worker_main,
+            args=(worker_settings, index, self._slots, self.settings.log_level.upper()),
+            name=f"worker{index}",
+            daemon=False,
+        )
+        proc.start()
+        self._procs[index] = proc
+        log.info("worker %d started (pid %d)", index, proc.pid)
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status."""
+        s = self.settings
+        metrics_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
+        # before prometheus_client is imported anywhere: values go to files the port sums
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        reserved = _reserve_port(s.host, s.port)
+        port = reserved.getsockname()[1]
+        worker_settings = dataclasses.replace(s, port=port, workers=1, ready_file=None)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        endpoints = _Endpoints(s, metrics_dir, port, self._all_serving)
+        try:
+            for index in range(self.n):
+                self._spawn(index, worker_settings)
+            endpoints.start(self._pids)
+            log.info("supervising %d workers on %s:%d", self.n, s.host, port)
+            while not self._stopping.wait(0.2):
+                self._restart_dead(worker_settings, endpoints)
+                endpoints.update(self._pids())
+            return self._stop_workers(endpoints)
+        finally:
+            endpoints.close()
+            reserved.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None]
+
+    def _all_serving(self) -> bool:
+        return all(self._slots[:])
+
+    def _restart_dead(self, worker_settings: Settings, endpoints: _Endpoints) -> None:
+        for index, proc in enumerate(self._procs):
+            if proc is None or proc.is_alive():
+                continue
+            log.error("worker %d (pid %d) died with exit status %s; restarting it",
+                      index, proc.pid, proc.exitcode)  # fmt: skip
+            endpoints.worker_died(proc.pid)
+            self._slots[index] = 0
+            self.restarts += 1
+            time.sleep(RESTART_PAUSE_SECONDS)
+            self._spawn(index, worker_settings)
+
+    def _stop_workers(self, endpoints: _Endpoints) -> int:
+        log.info("stopping %d workers", self.n)
+        for proc in self._procs:
+            if proc is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        limit = time.monotonic() + self.settings.pre_stop_seconds + self.settings.grace_seconds
+        status = 0
+        for proc in self._procs:
+            if proc is None:
+                continue
+            proc.join(max(1.0, limit + 5 - time.monotonic()))
+            if proc.is_alive():
+                log.error("worker pid %d did not stop; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+            status = status or (proc.exitcode or 0)
+        endpoints.stopped()
+        return status
+
+
+class _Endpoints:
+    """The supervisor's face: the metrics port (summed over workers) and the ready file."""
+
+    def __init__(
+        self, settings: Settings, metrics_dir: Path, grpc_port: int, all_serving: Any
+    ) -> None:
+        # imported here: PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client loads
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from server.metrics_http import MetricsServer
+
+        s = settings
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(metrics_dir))
+        token = s.metrics_token_file.read_text().strip().encode() if s.metrics_token_file else None
+        self._http = MetricsServer(
+            s.metrics_host, s.metrics_port, registry, ready=all_serving, token=token,
+            tls_cert=s.metrics_tls_cert, tls_key=s.metrics_tls_key,
+        )  # fmt: skip
+        self._metrics_dir = metrics_dir
+        self._ready_file = s.ready_file
+        self._grpc_port = grpc_port
+        self._all_serving = all_serving
+        self._written: tuple[bool, list[int]] | None = None
+
+    def start(self, pids: Any) -> None:
+        self._http.start()
+        self.update(pids())
+
+    def update(self, pids: list[int]) -> None:
+        """Rewrite the ready file when SERVING or the set of workers changed."""
+        state = (bool(self._all_serving()), pids)
+        if state != self._written:
+            self._written = state
+            self._write(serving=state[0], workers=pids)
+
+    def worker_died(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(self._metrics_dir))
+
+    def stopped(self) -> None:
+        self._write(serving=False, stopped=True)
+
+    def _write(self, **facts: Any) -> None:
+        if self._ready_file is not None:
+            write_ready_file(self._ready_file, {
+                "pid": os.getpid(), "grpc_port": self._grpc_port,
+                "metrics_port": self._http.port, **facts,
+            })  # fmt: skip
+
+    def close(self) -> None:
+        self._http.stop()
