@@ -13,14 +13,16 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mnist \
  && mkdir -p /models && chown mnist /models
 
-# -- build stages: one virtual environment each ------------------------------------------------
-FROM base AS build-serve
-RUN python -m venv /opt/venv
+# -- build stages: one virtual environment each, at the path it runs from ----------------------
+FROM base AS sources
 COPY client /src/client
 COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY training /src/training
 COPY bench /src/bench
+
+FROM sources AS build-serve
+RUN python -m venv /opt/venv
 # ai-edge-litert ships accelerators, NPU compilers and converters that the interpreter the
 # server uses never loads (30 MB); the compose test serves real digits from this image.
 RUN /opt/venv/bin/pip install --quiet /src/client /src \
@@ -31,15 +33,15 @@ RUN /opt/venv/bin/pip install --quiet /src/client /src \
       _pywrap_analyzer_wrapper.so pywrap_genai_ops.so \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
-FROM build-serve AS build-train
-RUN python -m venv /opt/venv-train \
- && /opt/venv-train/bin/pip install --quiet /src/client "/src[train]" \
- && find /opt/venv-train -name '__pycache__' -prune -exec rm -rf {} + \
- && rm -rf /opt/venv-train/lib/python3*/site-packages/tensorflow/include
+FROM sources AS build-train
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --quiet /src/client "/src[train]" \
+ && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
+ && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
 
 # -- train ------------------------------------------------------------------------------------
 FROM base AS train
-COPY --from=build-train /opt/venv-train /opt/venv
+COPY --from=build-train /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH TF_CPP_MIN_LOG_LEVEL=2
 USER mnist
 CMD ["mnist-train", "--help"]

@@ -27,7 +27,7 @@ ARCH="${ARCH:-mlp}"
 ./scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-if ! ls "$MODEL_DIR"/*/saved_model.pb >/dev/null 2>&1; then
+if ! ls "$MODEL_DIR"/*/model.tflite >/dev/null 2>&1; then
     echo "== no model in $MODEL_DIR/: training the $ARCH model"
     .venv/bin/python -m training --arch "$ARCH" --model-dir "$MODEL_DIR" "${data_args[@]}" --quiet
 fi

@@ -96,6 +96,7 @@ class ModelServer:
             [SERVICE_NAME],
             self.metrics,
             [self._serves_itself],
+            alive=lambda: self.batcher.alive,
         )
         if worker is not None:
             self.health.add_condition(worker.all_serving)

@@ -5,6 +5,10 @@ The server is SERVING when a model version is loaded and checked, the batcher's 
 alive, it is not draining, and (with ``--workers``) every worker serves. Anything else is
 NOT_SERVING. ``update()`` recomputes it from those facts and pushes the answer out; it is
 cheap and idempotent, so whoever changes one of the facts calls it.
+
+The health service ``liveness`` answers whether the process itself is sound (for a liveness
+probe): SERVING from the start, even before a model is loaded or while draining, and
+NOT_SERVING only once the process has failed and is about to exit.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS = "liveness"
 
 
 class Health:
@@ -34,11 +39,14 @@ class Health:
         services: Sequence[str],
         metrics: ServerMetrics,
         conditions: Sequence[Callable[[], bool]],
+        alive: Callable[[], bool] = lambda: True,
     ) -> None:
         self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._services = ["", *services]
         self._metrics = metrics
         self._conditions = list(conditions)
+        self._alive = alive
+        self._published_alive: bool | None = None
         self.serving = False
         self._published: bool | None = None
         self._ready_file: Path | None = None
@@ -61,6 +69,10 @@ class Health:
 
     async def update(self) -> bool:
         """Recompute the state from the conditions and publish it if it changed."""
+        alive = self._alive()
+        if alive != self._published_alive:
+            self._published_alive = alive
+            await self.servicer.set(LIVENESS, SERVING if alive else NOT_SERVING)
         serving = all(condition() for condition in self._conditions)
         self.serving = serving
         if serving == self._published:

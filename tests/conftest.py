@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
+
+from mnist_client import AsyncDigitClient
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -173,3 +180,46 @@ def server(
     srv = start_server(trained_model_dir, tmp_path_factory.mktemp("srv") / "server.log")
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
+
+
+class Traffic:
+    """Steady Predict traffic from a background thread; records every outcome."""
+
+    def __init__(
+        self, target: str, images: np.ndarray, concurrency: int = 4, **client: Any
+    ) -> None:
+        self.target, self.images, self.concurrency = target, images, concurrency
+        self.client = client  # more arguments for the SDK client
+        self.versions: list[int] = []
+        self.codes: Counter[str] = Counter()
+        self.details: Counter[str] = Counter()
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _worker(self, client: AsyncDigitClient, k: int) -> None:
+        i = k
+        while not self._stop.is_set():
+            self.sent += 1
+            try:
+                p = await client.predict(self.images[i % len(self.images)], timeout=10)
+                self.versions.append(p.model_version)
+                self.codes["OK"] += 1
+            except grpc.aio.AioRpcError as err:
+                self.codes[err.code().name] += 1
+                self.details[f"{err.code().name}: {err.details()}"] += 1
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    return  # the server is gone or going: stop like a client behind an LB
+            i += self.concurrency
+
+    async def _main(self) -> None:
+        async with AsyncDigitClient(self.target, **self.client) as client:
+            await asyncio.gather(*(self._worker(client, k) for k in range(self.concurrency)))
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)

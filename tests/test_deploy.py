@@ -149,6 +149,29 @@ def test_alert_rules_are_valid() -> None:
     assert "5 rules found" in result.stdout
 
 
+def test_fleet_files_are_valid() -> None:
+    compose = _need("docker-compose")
+    fleet = str(ROOT / "docker-compose.fleet.yml")
+    services = subprocess.run(
+        [compose, "-f", fleet, "config", "--services"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert services.returncode == 0, services.stderr
+    assert sorted(services.stdout.split()) == [
+        "grafana", "lb", "prometheus", "server1", "server2", "server3", "trainer",
+    ]  # fmt: skip
+    haproxy = _need("haproxy")
+    env = {**os.environ, "LB_BIND": ":8500"}
+    for i in (1, 2, 3):
+        env[f"REPLICA{i}"], env[f"REPLICA{i}_CHECK_PORT"] = f"server{i}:8500", "9100"
+    check = subprocess.run(
+        [haproxy, "-c", "-f", str(ROOT / "deploy" / "haproxy" / "haproxy.cfg")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    # (the names resolve inside the compose network only: resolved again at run time)
+    assert check.returncode == 0 and "Configuration file is valid" in check.stdout, check.stderr
+
+
 def test_compose_file_is_valid() -> None:
     compose = _need("docker-compose")
     result = subprocess.run(

@@ -6,7 +6,6 @@ import asyncio
 import json
 import shutil
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from mnist_client import AsyncDigitClient, DigitClient
-from tests.conftest import start_server
+from tests.conftest import Traffic, start_server
 
 
 def _publish(src: Path, model_dir: Path, version: int, edit_metadata: bool = True) -> None:
@@ -29,46 +28,6 @@ def _publish(src: Path, model_dir: Path, version: int, edit_metadata: bool = Tru
         meta["version"] = version
         meta_path.write_text(json.dumps(meta))
     staging.rename(model_dir / str(version))
-
-
-class Traffic:
-    """Steady Predict traffic from a background thread; records every outcome."""
-
-    def __init__(self, target: str, images: np.ndarray, concurrency: int = 4) -> None:
-        self.target, self.images, self.concurrency = target, images, concurrency
-        self.versions: list[int] = []
-        self.codes: Counter[str] = Counter()
-        self.details: Counter[str] = Counter()
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _worker(self, client: AsyncDigitClient, k: int) -> None:
-        i = k
-        while not self._stop.is_set():
-            self.sent += 1
-            try:
-                p = await client.predict(self.images[i % len(self.images)], timeout=10)
-                self.versions.append(p.model_version)
-                self.codes["OK"] += 1
-            except grpc.aio.AioRpcError as err:
-                self.codes[err.code().name] += 1
-                self.details[f"{err.code().name}: {err.details()}"] += 1
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    return  # the server is gone or going: stop like a client behind an LB
-            i += self.concurrency
-
-    async def _main(self) -> None:
-        async with AsyncDigitClient(self.target) as client:
-            await asyncio.gather(*(self._worker(client, k) for k in range(self.concurrency)))
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]

@@ -133,3 +133,33 @@ def test_hostile_bodies_are_refused_at_their_first_problem(
         parse(body)
     assert message in info.value.message
     assert steps <= 4, f"{steps} fields read from an 8 MiB body before refusing it"
+
+
+@settings(max_examples=200, deadline=None)
+@given(request_id=st.integers(0, 2**64 - 1), probs=PROBS, version=VERSIONS,
+       code=st.integers(0, 16), message=st.text(max_size=80))  # fmt: skip
+def test_stream_answers_are_protobufs_bytes(
+    request_id: int, probs: np.ndarray, version: int, code: int, message: str
+) -> None:
+    prediction = pb.PredictResponse(
+        digit=int(probs.argmax()), probabilities=probs.tolist(), model_version=version
+    )
+    ok = pb.PredictStreamResponse(id=request_id, prediction=prediction).SerializeToString()
+    assert wire.encode_stream_prediction(request_id, probs, version) == ok
+    error = pb.PredictStreamResponse(
+        id=request_id, error=pb.ImageError(code=code, message=message)
+    ).SerializeToString()
+    assert wire.encode_stream_error(request_id, code, message) == error
+
+
+@settings(max_examples=200, deadline=None)
+@given(request_id=st.integers(0, 2**64 - 1), image=st.one_of(IMAGE, st.binary(max_size=900)))
+def test_stream_requests_read_like_protobuf(request_id: int, image: bytes) -> None:
+    raw = pb.PredictStreamRequest(id=request_id, image=image).SerializeToString()
+    if len(image) == 784:
+        got_id, got = wire.parse_stream_request(raw)
+        assert (got_id, got.tobytes()) == (request_id, image)
+    else:
+        with pytest.raises(wire.StreamImageError) as info:
+            wire.parse_stream_request(raw)
+        assert info.value.request_id == request_id  # the error names the image it is about

@@ -25,8 +25,20 @@ DEFAULT_TIMEOUT_S = 10.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = "mnist.v1.DigitClassifier"
 
-_RETRY_SERVICE_CONFIG = json.dumps(
-    {
+LOAD_BALANCING = ("pick_first", "round_robin")
+
+
+def service_config(load_balancing: str = "pick_first") -> str:
+    """The channel's service config: retry UNAVAILABLE (only), and the balancing policy.
+
+    With ``round_robin`` the channel connects to every address the target resolves to and
+    spreads calls over them; it also watches each one's standard health service and sends
+    nothing to a replica that is not SERVING (loading, draining). A retried call is a new
+    pick, so a refusal from a draining replica is retried on another.
+    """
+    if load_balancing not in LOAD_BALANCING:
+        raise ValueError(f"load_balancing must be one of {LOAD_BALANCING}")
+    config: dict[str, Any] = {
         "methodConfig": [
             {
                 "name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}],
@@ -38,9 +50,12 @@ _RETRY_SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
+        "loadBalancingConfig": [{load_balancing: {}}],
     }
-)
+    if load_balancing == "round_robin":
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return json.dumps(config)
 
 
 @dataclass(frozen=True)
@@ -199,11 +214,13 @@ def _unknown_service_or_raise(err: grpc.RpcError) -> str:
     raise err
 
 
-def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _channel_options(
+    extra: Sequence[tuple[str, Any]], load_balancing: str
+) -> list[tuple[str, Any]]:
     # gRPC keeps the first of repeated channel args: the caller's own options go first
     return [
         *extra,
-        ("grpc.service_config", _RETRY_SERVICE_CONFIG),
+        ("grpc.service_config", service_config(load_balancing)),
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -227,12 +244,15 @@ def _config(
     certificate_chain: bytes | None,
     token: str | None,
     options: Sequence[tuple[str, Any]],
+    load_balancing: str,
 ) -> _ChannelConfig:
     creds = None
     if root_certificates is not None or certificate_chain is not None:
         creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return _ChannelConfig(target, timeout, creds, metadata, _channel_options(options))
+    return _ChannelConfig(
+        target, timeout, creds, metadata, _channel_options(options, load_balancing)
+    )
 
 
 class _ClientBase:
@@ -250,10 +270,12 @@ class _ClientBase:
         certificate_chain: bytes | None = None,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        load_balancing: str = "pick_first",
     ) -> None:
         self._cfg = _config(
-            target, timeout, root_certificates, private_key, certificate_chain, token, options
-        )
+            target, timeout, root_certificates, private_key, certificate_chain, token, options,
+            load_balancing,
+        )  # fmt: skip
         if self._cfg.credentials is not None:
             self._channel = self._channels.secure_channel(
                 target, self._cfg.credentials, self._cfg.options
@@ -288,6 +310,10 @@ class DigitClient(_ClientBase):
         private_key, certificate_chain: PEM client key and certificate, for mutual TLS.
         token: bearer token sent as ``authorization`` metadata when the server requires one.
         options: extra gRPC channel options (they take precedence over the defaults).
+        load_balancing: ``pick_first`` (gRPC's default: one connection) or ``round_robin``
+            (every address of the target, e.g. ``dns:///mnist-headless:8500`` or
+            ``ipv4:10.0.0.1:8500,10.0.0.2:8500``, calls spread per call, replicas that are not
+            SERVING skipped; see :func:`service_config`).
     """
 
     _channels = grpc
