@@ -13,10 +13,13 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
 stamp=.venv/.installed
-want=$(cat pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml client/pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "== installing into .venv (first run downloads TensorFlow, ~1-2 minutes)"
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e "./client[images]" -e ".[train,dev]"
+    # the TF Serving client for the interop tests: its "tensorflow" requirement is met by the
+    # tensorflow-cpu the train extra installs, so it goes in without dependencies
+    .venv/bin/python -m pip install --quiet --no-deps "tensorflow-serving-api>=2.18,<2.22"
     echo "$want" > "$stamp"
 fi

@@ -12,6 +12,7 @@ Where state lives: the served model in :class:`~server.manager.ModelManager`; th
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import signal
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import rpc
@@ -30,6 +31,11 @@ from server.health import Health
 from server.manager import ModelManager
 from server.metrics import ServerMetrics
 from server.metrics_http import MetricsServer
+from server.protocols.base import ServedModel
+from server.protocols.kserve import SERVICE as KSERVE_SERVICE
+from server.protocols.kserve import KServe
+from server.protocols.pool import reflection_pool
+from server.protocols.tfserving import MODEL_SERVICE, PREDICTION_SERVICE, TFServing
 from server.servicer import SERVICE_NAME, DigitClassifier
 from server.settings import Settings
 from server.streams import StreamMethod
@@ -43,6 +49,14 @@ log = logging.getLogger(__name__)
 # the drain is bounded by the work in flight plus this.
 QUIET_SECONDS = 0.3
 EXIT_BATCHER_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
+SERVICES = (SERVICE_NAME, KSERVE_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("mnist-serving")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _read_token(path: Path | None) -> bytes | None:
@@ -93,7 +107,7 @@ class ModelServer:
         )
         self.draining = False
         self.health = Health(
-            [SERVICE_NAME],
+            list(SERVICES),
             self.metrics,
             [self._serves_itself],
             alive=lambda: self.batcher.alive,
@@ -108,18 +122,50 @@ class ModelServer:
         self._metrics_http: MetricsServer | None = None
         self._follow: asyncio.Task[None] | None = None
         self._report: asyncio.Task[None] | None = None
-        self._track_gauges()
 
     def _serves_itself(self) -> bool:
         return self.manager.current is not None and self.batcher.alive and not self.draining
 
-    def _track_gauges(self) -> None:
+    def _track_gauges(self, methods: list[str]) -> None:
         m = self.metrics
-        for method in ("Predict", "BatchPredict", "GetModelInfo", "PredictStream"):
+        for method in methods:
             m.track(m.inflight.labels(method), self._active_calls(method))
 
     def _active_calls(self, method: str) -> Callable[[], int]:
         return lambda: self.calls.active_by_method[method]
+
+    def _services(self, auth: rpc.Authenticator) -> dict[str, dict[str, rpc.Method]]:
+        """Every service this server answers, by name, with its methods: each protocol only
+        translates, all of them over the one batcher, with the same admission, auth, drain
+        and metrics (the ``method`` label names the protocol: ``kserve.ModelInfer``)."""
+        s = self.settings
+        model = ServedModel(self.manager, s.model_name)
+        mnist = DigitClassifier(self.batcher, self.manager, s)
+        kserve = KServe(self.batcher, model, s, lambda: self.health.serving, self.metrics.stats,
+                        _package_version())  # fmt: skip
+        tf_serving = TFServing(self.batcher, model, s)
+        unary = {
+            SERVICE_NAME: ("", mnist.unary_methods()),
+            KSERVE_SERVICE: ("kserve.", kserve.unary_methods()),
+            PREDICTION_SERVICE: ("tfserving.", tf_serving.prediction_methods()),
+            MODEL_SERVICE: ("tfserving.", tf_serving.model_methods()),
+        }
+        services: dict[str, dict[str, rpc.Method]] = {
+            service: {
+                name: rpc.UnaryMethod(prefix + name, impl, self.calls, self.metrics, auth)
+                for name, impl in impls.items()
+            }
+            for service, (prefix, impls) in unary.items()
+        }
+        for service, name, codec in (
+            (SERVICE_NAME, "PredictStream", mnist),
+            (KSERVE_SERVICE, "kserve.ModelStreamInfer", kserve),
+        ):
+            services[service][name.rpartition(".")[2]] = StreamMethod(
+                name, codec, self.batcher, self.calls, self.metrics, auth,
+                window=s.max_stream_images, precondition=mnist.check_ready,
+            )  # fmt: skip
+        return services
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
@@ -145,19 +191,16 @@ class ModelServer:
         )
         token = _read_token(s.auth_token_file)
         auth = rpc.Authenticator(b"Bearer " + token if token is not None else None)
-        servicer = DigitClassifier(self.batcher, self.manager, s)
-        methods: dict[str, rpc.Method] = {
-            name: rpc.UnaryMethod(name, impl, self.calls, self.metrics, auth)
-            for name, impl in servicer.unary_methods().items()
-        }
-        methods["PredictStream"] = StreamMethod(
-            "PredictStream", servicer, self.batcher, self.calls, self.metrics, auth,
-            window=s.max_stream_images, precondition=servicer.check_ready,
-        )  # fmt: skip
-        rpc.register(server, SERVICE_NAME, methods)
+        labels = []
+        for service, methods in self._services(auth).items():
+            rpc.register(server, service, methods)
+            labels += [m.name for m in methods.values()]
+        self._track_gauges(labels)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+            [*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            server,
+            pool=reflection_pool(),
         )
         return server
 

@@ -289,7 +289,7 @@ class DynamicBatcher:
         batch: list[_Slice] = []
         expired: list[Pending] = []
         room = self.max_batch_size
-        queue_seconds = self._metrics.queue_seconds
+        observe_queue = self._metrics.observe_queue
         while room and self._queue:
             req = self._queue[0]
             if req.waiting_images == 0:  # cancelled, or failed earlier
@@ -304,7 +304,7 @@ class DynamicBatcher:
             batch.append(_Slice(req, req.next_image, req.next_image + take))
             if not req.dispatched:
                 req.dispatched = True
-                queue_seconds.observe(now - req.enqueued)
+                observe_queue(now - req.enqueued)
             req.next_image += take
             room -= take
             if req.waiting_images == 0:

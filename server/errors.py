@@ -35,6 +35,14 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -73,7 +73,7 @@ class ModelManager:
         model, compute_seconds = serving
         started = time.perf_counter()
         probs = model.predict(images)
-        compute_seconds.observe(time.perf_counter() - started)
+        self._metrics.observe_compute(compute_seconds, time.perf_counter() - started, len(images))
         return probs, model.version
 
     def refresh(self) -> bool:

@@ -16,7 +16,9 @@ own counts (``server.calls``, ``server.health``), not these.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -35,6 +37,29 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def multiprocess_mode() -> bool:
     """Whether this process writes its metrics for a supervisor to sum (``--workers`` > 1)."""
     return MULTIPROCESS_ENV in os.environ
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.seconds += seconds
+
+
+@dataclass
+class InferenceStats:
+    """Plain running totals of inference, for protocols that report them per call
+    (KServe/Triton ModelStatistics): this process's own figures, not scraped ones."""
+
+    success: Duration = field(default_factory=Duration)  # inference calls answered OK
+    fail: Duration = field(default_factory=Duration)  # inference calls that failed
+    queue: Duration = field(default_factory=Duration)  # per request, until its first batch
+    compute: Duration = field(default_factory=Duration)  # per model call
+    images: int = 0  # images computed
+    last_inference: float = 0.0  # time.time() of the last model call
 
 
 class ServerMetrics:
@@ -119,9 +144,12 @@ class ServerMetrics:
         for result in ("ok", "failed"):
             self.model_loads.labels(result)
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self.stats = InferenceStats()
 
     def observe_rpc(self, method: str, code: str, images: int, seconds: float) -> None:
-        """Record one finished RPC."""
+        """Record one finished RPC (one that carried images counts as an inference)."""
+        if images:
+            (self.stats.success if code == "OK" else self.stats.fail).add(seconds)
         children = self._rpc_children.get((method, code))
         if children is None:  # labels() costs a lock and a tuple per call: look up once
             children = self._rpc_children[(method, code)] = (
@@ -134,6 +162,18 @@ class ServerMetrics:
         requests.inc()
         if images:
             image_count.inc(images)
+
+    def observe_queue(self, seconds: float) -> None:
+        """A request's wait before its first model call (batcher thread)."""
+        self.queue_seconds.observe(seconds)
+        self.stats.queue.add(seconds)
+
+    def observe_compute(self, histogram: Any, seconds: float, images: int) -> None:
+        """One model call: ``histogram`` is the compute-time child for its device."""
+        histogram.observe(seconds)
+        self.stats.compute.add(seconds)
+        self.stats.images += images
+        self.stats.last_inference = time.time()
 
     def track(self, gauge: Any, read: Callable[[], float]) -> None:
         """Make ``gauge`` show ``read()``: at scrape time in one process, and at every

@@ -142,6 +142,8 @@ class UnaryMethod:
 class Method(Protocol):
     """Anything that serves one RPC (:class:`UnaryMethod`, ``server.streams.StreamMethod``)."""
 
+    name: str  # its label in the metrics
+
     def rpc_handler(self) -> grpc.RpcMethodHandler: ...
 
 

@@ -33,6 +33,7 @@ class Settings:
     metrics_token_file: Path | None = None
     ready_file: Path | None = None
     model_version: int | None = None
+    model_name: str = "mnist"
     model_threads: int = 0
     runtime: str = "auto"
     max_batch_size: int = 256
@@ -101,6 +102,7 @@ _HELP = {
     "ready_file": "write {pid, ports, serving} here as JSON once the ports are bound, "
     "and again whenever health changes",
     "model_version": "serve exactly this version and do not follow new ones (default: highest)",
+    "model_name": "the model's name in the KServe v2 and TensorFlow Serving protocols",
     "model_threads": "threads per model call (0 = one per core)",
     "runtime": "litert (model.tflite on XNNPACK, CPU, no TensorFlow), tensorflow (the "
     "SavedModel), or auto (litert on a CPU, tensorflow on a GPU)",

@@ -413,3 +413,52 @@ async def test_a_stream_goes_on_across_a_hot_swap(
     finally:
         gate.open.set()
         await server.stop()
+
+
+async def test_calls_of_every_protocol_share_one_model_call(
+    gated: tuple[ModelServer, GatedRuntime], mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    from server.protocols.pb import open_inference_grpc_pb2 as oip
+    from server.protocols.pb import tensorflow_core_pb2 as tfc
+    from server.protocols.pb import tensorflow_serving_pb2 as tfs
+
+    server, gate = gated
+    x, _ = mnist_test
+    kserve = oip.ModelInferRequest(model_name="mnist", raw_input_contents=[x[1:4].tobytes()])
+    kserve.inputs.add(name="images", datatype="UINT8", shape=[3, 28, 28])
+    tf_serving = tfs.PredictRequest(model_spec=tfs.ModelSpec(name="mnist"))
+    tensor = tf_serving.inputs["images"]
+    tensor.dtype = tfc.DT_UINT8
+    tensor.tensor_content = x[4:6].tobytes()
+    for size in (2, 28, 28):
+        tensor.tensor_shape.dim.add(size=size)
+    async with (
+        AsyncDigitClient(_target(server)) as client,
+        grpc.aio.insecure_channel(_target(server)) as channel,
+    ):
+        gate.close()
+        blocker = asyncio.ensure_future(client.predict(x[0]))
+        await gate.wait_entered()
+        calls = [
+            client.predict(x[0]),
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(
+                kserve.SerializeToString()
+            ),
+            channel.unary_unary("/tensorflow.serving.PredictionService/Predict")(
+                tf_serving.SerializeToString()
+            ),
+        ]
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        await _until(lambda: server.batcher.queued_images == 6)
+        gate.open.set()
+        await blocker
+        results = await asyncio.gather(*tasks)
+    assert gate.batch_sizes == [1, 6]  # three protocols, one model call
+    answer = oip.ModelInferResponse.FromString(results[1])
+    probs = np.frombuffer(answer.raw_output_contents[0], "<f4").reshape(3, 10)
+    assert probs.argmax(axis=1).tolist() == [int(d) for d in (await _digits(server, x[1:4]))]
+
+
+async def _digits(server: ModelServer, images: np.ndarray) -> list[int]:
+    async with AsyncDigitClient(_target(server)) as client:
+        return (await client.batch_predict(images)).digits.tolist()  # type: ignore[no-any-return]

@@ -1,0 +1,57 @@
+"""What every protocol translation needs: the served model by name and version, and parsing."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from server.errors import InvalidArgument, NotFound, Unavailable
+from server.manager import ModelManager
+from server.versions import LoadedModel
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(message_type: type[M], raw: bytes) -> M:
+    """``raw`` as a ``message_type``; bytes that are not one are INVALID_ARGUMENT.
+
+    These protocols follow protobuf's rules (unknown fields are ignored), as their own
+    servers do; the parse runs in protobuf's C code.
+    """
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(
+            f"request is not a valid {message_type.DESCRIPTOR.full_name} message"
+        ) from None
+
+
+class ServedModel:
+    """The one model this server serves, as the protocols name it."""
+
+    def __init__(self, manager: ModelManager, name: str) -> None:
+        self._manager = manager
+        self.name = name
+
+    def get(self, name: str, version: Any = None) -> LoadedModel:
+        """The loaded model when ``name`` (and ``version``, if given) is what is served.
+
+        Raises:
+            NotFound: another model or version was asked for.
+            Unavailable: no version is loaded yet.
+        """
+        if name != self.name:
+            raise NotFound(f"model '{name}' is not served here; this server serves '{self.name}'")
+        model = self._manager.current
+        if model is None:
+            raise Unavailable("no model version is loaded yet")
+        if version not in (None, "", 0) and str(version) != str(model.version):
+            raise NotFound(
+                f"version {version} of model '{name}' is not served; version {model.version} is"
+            )
+        return model
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._manager.current

@@ -1,0 +1,288 @@
+"""KServe v2 / Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``.
+
+The six methods of the canonical proto (ServerLive, ServerReady, ModelReady, ServerMetadata,
+ModelMetadata, ModelInfer), and Triton's ModelStreamInfer, ModelConfig and ModelStatistics,
+which tritonclient uses. The other Triton methods (repository, shared memory, trace, logging)
+are not registered, so gRPC answers UNIMPLEMENTED.
+
+The model: name ``--model-name`` (``mnist``), its version the one being served; input
+``images`` UINT8 ``[-1, 28, 28]``, output ``probabilities`` FP32 ``[-1, 10]``.
+
+* Inputs come in ``raw_input_contents`` (what tritonclient sends) or typed in
+  ``contents.uint_contents``; outputs always go in ``raw_output_contents`` (what tritonclient
+  reads), little-endian.
+* Requested outputs: none (all), or ``probabilities``. With Triton's ``classification``
+  parameter (k) on it, the output is instead the top-k classes as BYTES ``"prob:digit"``,
+  the classification extension. Request ``id`` is copied into the answer. Other parameters
+  are accepted and ignored.
+* A wrong model name or version is NOT_FOUND; a wrong input name, datatype, shape or size,
+  or an unknown output, is INVALID_ARGUMENT naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+from mnist_client.contract import (
+    IMAGE_BYTES,
+    IMAGE_SHAPE,
+    INPUT_NAME,
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    OUTPUT_NAME,
+    OUTPUT_SHAPE,
+)
+from server.batcher import DynamicBatcher
+from server.errors import InvalidArgument, ServiceError
+from server.metrics import Duration, InferenceStats
+from server.protocols.base import ServedModel, parse
+from server.protocols.pb import open_inference_grpc_pb2 as oip
+from server.protocols.pb import triton_extensions_pb2 as triton
+from server.rpc import Call, UnaryImpl
+from server.settings import Settings
+from server.streams import ItemError
+
+SERVICE = "inference.GRPCInferenceService"
+SERVER_NAME = "mnist-serving"
+EXTENSIONS = ("classification", "model_configuration", "statistics", "binary_tensor_data")
+_LITTLE_F32 = np.dtype("<f4")
+
+
+class KServe:
+    """The KServe v2 methods over the shared batcher."""
+
+    def __init__(
+        self,
+        batcher: DynamicBatcher,
+        model: ServedModel,
+        settings: Settings,
+        serving: Any,
+        stats: InferenceStats,
+        version: str,
+    ) -> None:
+        self._batcher = batcher
+        self._model = model
+        self._settings = settings
+        self._serving = serving  # () -> bool: the server's health
+        self._stats = stats
+        self._version = version
+
+    def unary_methods(self) -> dict[str, UnaryImpl]:
+        return {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+            "ModelConfig": self.model_config,
+            "ModelStatistics": self.model_statistics,
+        }
+
+    # --- health and metadata
+
+    async def server_live(self, raw: bytes, call: Call) -> bytes:
+        parse(oip.ServerLiveRequest, raw)
+        return oip.ServerLiveResponse(live=True).SerializeToString()
+
+    async def server_ready(self, raw: bytes, call: Call) -> bytes:
+        parse(oip.ServerReadyRequest, raw)
+        return oip.ServerReadyResponse(ready=bool(self._serving())).SerializeToString()
+
+    async def model_ready(self, raw: bytes, call: Call) -> bytes:
+        request = parse(oip.ModelReadyRequest, raw)
+        current = self._model.current
+        ready = (
+            request.name == self._model.name
+            and current is not None
+            and request.version in ("", str(current.version))
+        )
+        return oip.ModelReadyResponse(ready=ready).SerializeToString()
+
+    async def server_metadata(self, raw: bytes, call: Call) -> bytes:
+        parse(oip.ServerMetadataRequest, raw)
+        return oip.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
+        ).SerializeToString()
+
+    async def model_metadata(self, raw: bytes, call: Call) -> bytes:
+        request = parse(oip.ModelMetadataRequest, raw)
+        model = self._model.get(request.name, request.version)
+        tensor = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=self._model.name,
+            versions=[str(model.version)],
+            platform=model.runtime_name,
+            inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=INPUT_SHAPE)],
+            outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=OUTPUT_SHAPE)],
+        ).SerializeToString()
+
+    async def model_config(self, raw: bytes, call: Call) -> bytes:
+        request = parse(triton.ModelConfigRequest, raw)
+        model = self._model.get(request.name, request.version)
+        s = self._settings
+        return triton.ModelConfigResponse(
+            config=triton.ModelConfig(
+                name=self._model.name,
+                platform=model.runtime_name,
+                backend=SERVER_NAME,
+                runtime=model.runtime_name,
+                max_batch_size=s.max_images_per_request,
+                input=[triton.ModelInput(
+                    name=INPUT_NAME, data_type=triton.TYPE_UINT8, dims=IMAGE_SHAPE
+                )],
+                output=[triton.ModelOutput(
+                    name=OUTPUT_NAME, data_type=triton.TYPE_FP32, dims=[NUM_CLASSES]
+                )],
+                dynamic_batching=triton.ModelDynamicBatching(
+                    max_queue_delay_microseconds=int(s.batch_timeout_ms * 1000)
+                ),
+            )
+        ).SerializeToString()  # fmt: skip
+
+    async def model_statistics(self, raw: bytes, call: Call) -> bytes:
+        request = parse(triton.ModelStatisticsRequest, raw)
+        name = request.name or self._model.name  # "" asks for every model: there is one
+        model = self._model.get(name, request.version)
+        st = self._stats
+        return triton.ModelStatisticsResponse(
+            model_stats=[triton.ModelStatistics(
+                name=name,
+                version=str(model.version),
+                last_inference=int(st.last_inference * 1000),
+                inference_count=st.images,
+                execution_count=st.compute.count,
+                inference_stats=triton.InferStatistics(
+                    success=_duration(st.success), fail=_duration(st.fail),
+                    queue=_duration(st.queue), compute_infer=_duration(st.compute),
+                ),
+            )]
+        ).SerializeToString()  # fmt: skip
+
+    # --- inference
+
+    async def model_infer(self, raw: bytes, call: Call) -> bytes:
+        request, images = self._read(raw)
+        call.images = len(images)
+        probs, versions = await self._batcher.submit(images, call.deadline)
+        return _answer(request, self._model.name, probs, versions).SerializeToString()
+
+    def _read(self, raw: bytes) -> tuple[oip.ModelInferRequest, np.ndarray]:
+        request = parse(oip.ModelInferRequest, raw)
+        self._model.get(request.model_name, request.model_version)
+        for output in request.outputs:
+            if output.name != OUTPUT_NAME:
+                raise InvalidArgument(
+                    f"output '{output.name}' is not known; model '{self._model.name}' gives "
+                    f"'{OUTPUT_NAME}'"
+                )
+        _classes(request)  # a bad classification parameter fails before any compute
+        return request, _images(request, self._settings.max_images_per_request)
+
+    # --- ModelStreamInfer: the codec server.streams.StreamMethod reads and answers with
+
+    def read(self, raw: bytes) -> tuple[Any, np.ndarray]:
+        try:
+            return self._read(raw)
+        except InvalidArgument as err:
+            if err.message.startswith("request is not a valid"):
+                raise  # not even a request: the stream itself is broken
+            raise ItemError(_request_of(raw), err) from None
+        except ServiceError as err:
+            raise ItemError(_request_of(raw), err) from None
+
+    def answer(self, key: Any, probabilities: np.ndarray, versions: np.ndarray) -> bytes:
+        response = _answer(key, self._model.name, probabilities, versions)
+        return triton.ModelStreamInferResponse(infer_response=response).SerializeToString()
+
+    def fail(self, key: Any, error: ServiceError) -> bytes:
+        echo = oip.ModelInferResponse(
+            model_name=key.model_name, model_version=key.model_version, id=key.id
+        )
+        return triton.ModelStreamInferResponse(
+            error_message=f"{error.code.name}: {error.message}", infer_response=echo
+        ).SerializeToString()
+
+
+def _request_of(raw: bytes) -> oip.ModelInferRequest:
+    return oip.ModelInferRequest.FromString(raw)  # parsed once already: valid
+
+
+def _duration(d: Duration) -> triton.StatisticDuration:
+    return triton.StatisticDuration(count=d.count, ns=int(d.seconds * 1e9))
+
+
+def _images(request: oip.ModelInferRequest, max_images: int) -> np.ndarray:
+    """The request's ``images`` input as uint8 ``[N, 28, 28]``."""
+    if [t.name for t in request.inputs] != [INPUT_NAME]:
+        raise InvalidArgument(
+            f"inputs {[t.name for t in request.inputs]} do not match the model's: "
+            f"one input '{INPUT_NAME}'"
+        )
+    tensor = request.inputs[0]
+    if tensor.datatype != "UINT8":
+        raise InvalidArgument(
+            f"input '{INPUT_NAME}' has datatype {tensor.datatype or '(none)'}, expected UINT8"
+        )
+    shape = list(tensor.shape)
+    if len(shape) != 3 or shape[1:] != list(IMAGE_SHAPE) or shape[0] < 1:
+        raise InvalidArgument(
+            f"input '{INPUT_NAME}' has shape {shape}, expected [-1, 28, 28] (N images)"
+        )
+    n = shape[0]
+    if n > max_images:
+        raise InvalidArgument(f"{n} images in one request, limit {max_images}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument("raw_input_contents must hold one entry per input (one)")
+        data = request.raw_input_contents[0]
+        if len(data) != n * IMAGE_BYTES:
+            raise InvalidArgument(
+                f"input '{INPUT_NAME}' has {len(data)} bytes of raw contents; shape {shape} "
+                f"needs {n * IMAGE_BYTES}"
+            )
+        return np.frombuffer(data, np.uint8).reshape(n, *IMAGE_SHAPE)
+    values = tensor.contents.uint_contents
+    if len(values) != n * IMAGE_BYTES:
+        raise InvalidArgument(
+            f"input '{INPUT_NAME}' has {len(values)} values in contents.uint_contents; shape "
+            f"{shape} needs {n * IMAGE_BYTES}"
+        )
+    array = np.asarray(values, np.uint32)
+    if array.max(initial=0) > 255:
+        raise InvalidArgument(f"input '{INPUT_NAME}' has values above 255 for UINT8")
+    return array.astype(np.uint8).reshape(n, *IMAGE_SHAPE)
+
+
+def _classes(request: oip.ModelInferRequest) -> int:
+    """Triton's classification extension: the k of ``classification`` on the output, or 0."""
+    for output in request.outputs:
+        param = output.parameters.get("classification")
+        if param is not None:
+            k = param.int64_param
+            if not 1 <= k <= NUM_CLASSES:
+                raise InvalidArgument(f"classification asks for {k} classes; 1 to 10 exist")
+            return int(k)
+    return 0
+
+
+def _answer(
+    request: oip.ModelInferRequest, name: str, probs: np.ndarray, versions: np.ndarray
+) -> oip.ModelInferResponse:
+    n = len(probs)
+    response = oip.ModelInferResponse(
+        model_name=name, model_version=str(int(versions[-1])), id=request.id
+    )
+    k = _classes(request)
+    if k:
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        cells = [f"{probs[i, c]:f}:{c}".encode() for i in range(n) for c in top[i]]
+        response.outputs.add(name=OUTPUT_NAME, datatype="BYTES", shape=[n, k])
+        response.raw_output_contents.append(b"".join(struct.pack("<I", len(c)) + c for c in cells))
+        return response
+    response.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=[n, NUM_CLASSES])
+    response.raw_output_contents.append(probs.astype(_LITTLE_F32, copy=False).tobytes())
+    return response

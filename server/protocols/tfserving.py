@@ -1,0 +1,200 @@
+"""TensorFlow Serving's API: ``tensorflow.serving.PredictionService`` and ``ModelService``.
+
+Predict and GetModelMetadata on the signature ``serving_default`` (input ``images`` uint8
+``[-1, 28, 28]``, output ``probabilities`` float ``[-1, 10]``), and GetModelStatus; Classify,
+Regress and MultiInference answer UNIMPLEMENTED (this model only predicts).
+
+As TensorFlow Serving does:
+
+* ``model_spec.name`` must be the served model's (``--model-name``), else NOT_FOUND;
+  ``model_spec.version``, when set, must be the served version, else NOT_FOUND; a
+  ``version_label`` is NOT_FOUND (no labels are assigned); the signature must be
+  ``serving_default`` (or empty).
+* The input tensor comes as ``tensor_content`` (what ``tf.make_tensor_proto`` writes for an
+  array) or as typed ``int_val`` values, where fewer values than elements repeat the last one
+  (TensorFlow's compact form). A wrong input key, dtype or shape is INVALID_ARGUMENT.
+* The answer's tensor is ``tensor_content``, little-endian float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mnist_client.contract import (
+    IMAGE_BYTES,
+    IMAGE_SHAPE,
+    INPUT_NAME,
+    NUM_CLASSES,
+    OUTPUT_NAME,
+    SIGNATURE,
+)
+from server.batcher import DynamicBatcher
+from server.errors import InvalidArgument, NotFound, Unimplemented
+from server.protocols.base import ServedModel, parse
+from server.protocols.pb import tensorflow_core_pb2 as tf
+from server.protocols.pb import tensorflow_serving_pb2 as tfs
+from server.rpc import Call, UnaryImpl
+from server.settings import Settings
+from server.versions import LoadedModel
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+PREDICT_METHOD = "tensorflow/serving/predict"
+_LITTLE_F32 = np.dtype("<f4")
+_DTYPE_NAMES = {v.number: v.name for v in tf.DataType.DESCRIPTOR.values}
+
+
+class TFServing:
+    """The TensorFlow Serving methods over the shared batcher."""
+
+    def __init__(self, batcher: DynamicBatcher, model: ServedModel, settings: Settings) -> None:
+        self._batcher = batcher
+        self._model = model
+        self._settings = settings
+
+    def prediction_methods(self) -> dict[str, UnaryImpl]:
+        return {
+            "Predict": self.predict,
+            "GetModelMetadata": self.get_model_metadata,
+            "Classify": self._unimplemented,
+            "Regress": self._unimplemented,
+            "MultiInference": self._unimplemented,
+        }
+
+    def model_methods(self) -> dict[str, UnaryImpl]:
+        return {"GetModelStatus": self.get_model_status}
+
+    def _served(self, spec: tfs.ModelSpec) -> LoadedModel:
+        if spec.version_label:
+            raise NotFound(
+                f"version label '{spec.version_label}' of model '{spec.name}' is not assigned"
+            )
+        version = spec.version.value if spec.HasField("version") else None
+        try:
+            model = self._model.get(spec.name, version)
+        except NotFound:
+            request = f"Specific({spec.name}, {version})" if version else f"Latest({spec.name})"
+            raise NotFound(f"Servable not found for request: {request}") from None
+        if spec.signature_name not in ("", SIGNATURE):
+            raise InvalidArgument(
+                f"Serving signature name: '{spec.signature_name}' not found in signature def; "
+                f"this model has '{SIGNATURE}'"
+            )
+        return model
+
+    def _spec(self, model: LoadedModel) -> tfs.ModelSpec:
+        spec = tfs.ModelSpec(name=self._model.name, signature_name=SIGNATURE)
+        spec.version.value = model.version
+        return spec
+
+    async def predict(self, raw: bytes, call: Call) -> bytes:
+        request = parse(tfs.PredictRequest, raw)
+        self._served(request.model_spec)
+        for name in request.output_filter:
+            if name != OUTPUT_NAME:
+                raise InvalidArgument(
+                    f"output tensor alias not found in signature: {name}. Outputs expected to "
+                    f"be in the set {{{OUTPUT_NAME}}}."
+                )
+        images = _images(request, self._settings.max_images_per_request)
+        call.images = len(images)
+        probs, versions = await self._batcher.submit(images, call.deadline)
+        model = self._model.current
+        response = tfs.PredictResponse()
+        if model is not None:
+            response.model_spec.CopyFrom(self._spec(model))
+        response.model_spec.version.value = int(versions[-1])
+        out = response.outputs[OUTPUT_NAME]
+        out.dtype = tf.DT_FLOAT
+        out.tensor_shape.dim.add(size=len(probs))
+        out.tensor_shape.dim.add(size=NUM_CLASSES)
+        out.tensor_content = probs.astype(_LITTLE_F32, copy=False).tobytes()
+        return response.SerializeToString()
+
+    async def get_model_metadata(self, raw: bytes, call: Call) -> bytes:
+        request = parse(tfs.GetModelMetadataRequest, raw)
+        model = self._served(request.model_spec)
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise InvalidArgument(f"Metadata field {field} is not supported")
+        signature = tf.SignatureDef(method_name=PREDICT_METHOD)
+        signature.inputs[INPUT_NAME].CopyFrom(
+            _info(f"{SIGNATURE}_{INPUT_NAME}:0", tf.DT_UINT8, [-1, *IMAGE_SHAPE])
+        )
+        signature.outputs[OUTPUT_NAME].CopyFrom(
+            _info("StatefulPartitionedCall:0", tf.DT_FLOAT, [-1, NUM_CLASSES])
+        )
+        signatures = tfs.SignatureDefMap()
+        signatures.signature_def[SIGNATURE].CopyFrom(signature)
+        response = tfs.GetModelMetadataResponse(model_spec=self._spec(model))
+        response.metadata["signature_def"].Pack(signatures)
+        return response.SerializeToString()
+
+    async def get_model_status(self, raw: bytes, call: Call) -> bytes:
+        request = parse(tfs.GetModelStatusRequest, raw)
+        model = self._served(request.model_spec)
+        status = tfs.ModelVersionStatus(
+            version=model.version,
+            state=tfs.ModelVersionStatus.AVAILABLE,
+            status=tfs.StatusProto(error_code=0),
+        )
+        return tfs.GetModelStatusResponse(model_version_status=[status]).SerializeToString()
+
+    async def _unimplemented(self, raw: bytes, call: Call) -> bytes:
+        raise Unimplemented(
+            "this model only predicts: use Predict (Classify, Regress and MultiInference "
+            "are not served)"
+        )
+
+
+def _info(name: str, dtype: int, shape: list[int]) -> tf.TensorInfo:
+    info = tf.TensorInfo(name=name, dtype=dtype)  # type: ignore[arg-type]
+    for size in shape:
+        info.tensor_shape.dim.add(size=size)
+    return info
+
+
+def _images(request: tfs.PredictRequest, max_images: int) -> np.ndarray:
+    """The request's ``images`` tensor as uint8 ``[N, 28, 28]``."""
+    keys = sorted(request.inputs)
+    if keys != [INPUT_NAME]:
+        unknown = [k for k in keys if k != INPUT_NAME]
+        if unknown:
+            raise InvalidArgument(
+                f"input tensor alias not found in signature: {unknown[0]}. Inputs expected "
+                f"to be in the set {{{INPUT_NAME}}}."
+            )
+        raise InvalidArgument(f"the request has no input '{INPUT_NAME}'")
+    tensor = request.inputs[INPUT_NAME]
+    if tensor.dtype != tf.DT_UINT8:
+        raise InvalidArgument(
+            f"Expects arg[0] to be uint8 but {_DTYPE_NAMES.get(tensor.dtype, tensor.dtype)} "
+            "is provided"
+        )
+    shape = [d.size for d in tensor.tensor_shape.dim]
+    if len(shape) != 3 or shape[1:] != list(IMAGE_SHAPE) or shape[0] < 1:
+        raise InvalidArgument(
+            f"input '{INPUT_NAME}' has shape {shape}, expected [-1, 28, 28] (N images)"
+        )
+    n = shape[0]
+    if n > max_images:
+        raise InvalidArgument(f"{n} images in one request, limit {max_images}")
+    size = n * IMAGE_BYTES
+    if tensor.tensor_content:
+        if len(tensor.tensor_content) != size:
+            raise InvalidArgument(
+                f"input '{INPUT_NAME}' has {len(tensor.tensor_content)} bytes of "
+                f"tensor_content; shape {shape} needs {size}"
+            )
+        return np.frombuffer(tensor.tensor_content, np.uint8).reshape(n, *IMAGE_SHAPE)
+    values = np.asarray(tensor.int_val, np.int64)
+    if not 0 < len(values) <= size:
+        raise InvalidArgument(
+            f"input '{INPUT_NAME}' has {len(values)} int_val values; shape {shape} needs "
+            f"{size} (or fewer, the last repeated)"
+        )
+    if values.min() < 0 or values.max() > 255:
+        raise InvalidArgument(f"input '{INPUT_NAME}' has values outside 0-255 for uint8")
+    if len(values) < size:  # TensorFlow's compact form: the last value fills the rest
+        values = np.concatenate([values, np.full(size - len(values), values[-1])])
+    return values.astype(np.uint8).reshape(n, *IMAGE_SHAPE)
