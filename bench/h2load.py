@@ -27,6 +27,7 @@ class Load:
     payload: str  # key into the payload files
     concurrency: int
     images_per_request: int
+    only: tuple[str, ...] = ()  # run against these targets only (empty: all of ours)
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -44,8 +45,22 @@ def make_payloads(folder: Path, images: np.ndarray) -> dict[str, Path]:
         )
         for i in range(STREAM_MESSAGES)
     )
+    from server.protocols.pb import open_inference_grpc_pb2 as oip
+    from server.protocols.pb import tensorflow_core_pb2 as tfc
+    from server.protocols.pb import tensorflow_serving_pb2 as tfs
+
+    kserve = oip.ModelInferRequest(model_name="mnist", raw_input_contents=[images[0].tobytes()])
+    kserve.inputs.add(name="images", datatype="UINT8", shape=[1, 28, 28])
+    tf_serving = tfs.PredictRequest(model_spec=tfs.ModelSpec(name="mnist"))
+    tensor = tf_serving.inputs["images"]
+    tensor.dtype = tfc.DT_UINT8
+    tensor.tensor_content = images[0].tobytes()
+    for size in (1, 28, 28):
+        tensor.tensor_shape.dim.add(size=size)
     bodies = {
         f"stream{STREAM_MESSAGES}": stream,
+        "kserve": grpc_frame(kserve.SerializeToString()),
+        "tfserving": grpc_frame(tf_serving.SerializeToString()),
         "predict": grpc_frame(pb.PredictRequest(image=images[0].tobytes()).SerializeToString()),
         "batch1024": grpc_frame(
             pb.BatchPredictRequest(

@@ -98,6 +98,12 @@ def loads(concurrencies: list[int]) -> list[Load]:
     out.append(Load("batch1024-c4", f"{SERVICE}/BatchPredict", "batch1024", 4, 1024))
     out.append(Load(f"stream{STREAM_MESSAGES}-c16", f"{SERVICE}/PredictStream",
                     f"stream{STREAM_MESSAGES}", 16, STREAM_MESSAGES))  # fmt: skip
+    # the same one-image prediction through the other protocols: what translation costs
+    top = 64 if 64 in concurrencies else max(concurrencies)
+    out.append(Load(f"kserve-c{top}", "/inference.GRPCInferenceService/ModelInfer", "kserve",
+                    top, 1, only=("batched",)))  # fmt: skip
+    out.append(Load(f"tfserving-c{top}", "/tensorflow.serving.PredictionService/Predict",
+                    "tfserving", top, 1, only=("batched",)))  # fmt: skip
     return out
 
 
@@ -155,8 +161,12 @@ def run_benchmark(
         for repeat in range(repeats):
             for r in running:
                 for load in loads(concurrencies):
-                    if not load.path.endswith("/Predict") and not r.target.ours:
-                        continue  # the echo servers answer Predict only
+                    if load.path != f"{SERVICE}/Predict" and not r.target.ours:
+                        continue  # the echo servers answer mnist.v1 Predict only
+                    if load.only and r.target.name not in load.only:
+                        continue
+                    if r.target.loads and not load.name.startswith(r.target.loads):
+                        continue
                     s = run_one(r, load, payloads, seconds, warmup, repeat, workdir)
                     samples.append(s)
                     print(f"  [{repeat + 1}/{repeats}] {s.target:13s} {s.load:14s} "
@@ -228,4 +238,15 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         / STREAM_MESSAGES
         / get("echo-aio", load, "cpu_us_per_request"),
         f"workers2_vs_workers1_c{c}": get("workers2", load, "rps") / get("batched", load, "rps"),
+        f"server_timing_cpu_cost_c{c}": get("batched", load, "cpu_us_per_request")
+        / get("timing-off", load, "cpu_us_per_request")
+        - 1,
+        f"kserve_cpu_per_request_vs_native_c{c}": get(
+            "batched", f"kserve-c{c}", "cpu_us_per_request"
+        )
+        / get("batched", load, "cpu_us_per_request"),
+        f"tfserving_cpu_per_request_vs_native_c{c}": get(
+            "batched", f"tfserving-c{c}", "cpu_us_per_request"
+        )
+        / get("batched", load, "cpu_us_per_request"),
     }

@@ -26,6 +26,7 @@ class Target:
     name: str
     command: list[str]  # without --ready-file, which start() adds
     ours: bool  # our server (has metrics and BatchPredict)
+    loads: tuple[str, ...] = ()  # run only the loads whose names start so (empty: every load)
 
 
 @dataclass
@@ -62,6 +63,10 @@ def targets(model_dir: Path, sweep: bool, with_tensorflow: bool) -> list[Target]
         Target("naive-litert", our_server(model_dir, "--max-batch-size", "1"), True),
         Target("batched", our_server(model_dir), True),
         Target("workers2", our_server(model_dir, "--workers", "2"), True),
+        # what the server-timing trailer costs: the same server without it
+        Target(
+            "timing-off", our_server(model_dir, "--server-timing", "off"), True, loads=("predict-",)
+        ),
     ]
     if with_tensorflow:  # the tutorial server: one SavedModel call per request
         out.insert(2, Target(

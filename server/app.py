@@ -17,7 +17,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -41,6 +41,9 @@ from server.settings import Settings
 from server.streams import StreamMethod
 from server.workers import REPORT_SECONDS, WorkerLink
 
+if TYPE_CHECKING:
+    from server.tracing import Tracing
+
 log = logging.getLogger(__name__)
 
 # After the last call in flight has finished, late calls keep getting an explicit UNAVAILABLE
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 QUIET_SECONDS = 0.3
 EXIT_BATCHER_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
 SERVICES = (SERVICE_NAME, KSERVE_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE)
+STREAM_PATHS = (f"{SERVICE_NAME}/PredictStream", f"{KSERVE_SERVICE}/ModelStreamInfer")
 
 
 def _package_version() -> str:
@@ -76,10 +80,17 @@ class ModelServer:
     and is SERVING only while every worker is.
     """
 
-    def __init__(self, settings: Settings, worker: WorkerLink | None = None) -> None:
+    def __init__(
+        self, settings: Settings, worker: WorkerLink | None = None, tracer_provider: Any = None
+    ) -> None:
         s = settings
         self.settings = s
         self.worker = worker
+        self.tracing: Tracing | None = None
+        if s.tracing == "otlp" or tracer_provider is not None:
+            from server.tracing import Tracing, otlp_provider
+
+            self.tracing = Tracing(tracer_provider or otlp_provider(), STREAM_PATHS)
         self.metrics = ServerMetrics()
         self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes)
         self.manager = ModelManager(
@@ -150,20 +161,25 @@ class ModelServer:
             PREDICTION_SERVICE: ("tfserving.", tf_serving.prediction_methods()),
             MODEL_SERVICE: ("tfserving.", tf_serving.model_methods()),
         }
+        timing, tracing = s.server_timing == "on", self.tracing
         services: dict[str, dict[str, rpc.Method]] = {
             service: {
-                name: rpc.UnaryMethod(prefix + name, impl, self.calls, self.metrics, auth)
+                name: rpc.UnaryMethod(
+                    prefix + name, impl, self.calls, self.metrics, auth, timing, tracing
+                )
                 for name, impl in impls.items()
             }
             for service, (prefix, impls) in unary.items()
         }
-        for service, name, codec in (
-            (SERVICE_NAME, "PredictStream", mnist),
-            (KSERVE_SERVICE, "kserve.ModelStreamInfer", kserve),
+        for path, label, codec in (
+            (STREAM_PATHS[0], "PredictStream", mnist),
+            (STREAM_PATHS[1], "kserve.ModelStreamInfer", kserve),
         ):
-            services[service][name.rpartition(".")[2]] = StreamMethod(
-                name, codec, self.batcher, self.calls, self.metrics, auth,
-                window=s.max_stream_images, precondition=mnist.check_ready,
+            service, _, name = path.rpartition("/")
+            services[service][name] = StreamMethod(
+                label, codec, self.batcher, self.calls, self.metrics, auth,
+                window=s.max_stream_images, precondition=mnist.check_ready, tracing=tracing,
+                path=f"/{path}",
             )  # fmt: skip
         return services
 
@@ -181,6 +197,7 @@ class ModelServer:
     def _build_grpc(self) -> grpc.aio.Server:
         s = self.settings
         server = grpc.aio.server(
+            interceptors=self.tracing.interceptors() if self.tracing else None,
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),

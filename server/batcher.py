@@ -2,8 +2,9 @@
 
 Contract
 --------
-* ``await batcher.submit(images, deadline)`` takes uint8 images ``[N, 28, 28]`` and returns
-  ``(probabilities [N, 10], versions [N])`` for exactly those images, in order.
+* ``await batcher.submit(images, deadline)`` takes uint8 images ``[N, 28, 28]`` and returns an
+  :class:`Answer`: ``probabilities [N, 10]`` and ``versions [N]`` for exactly those images, in
+  order, and where its time went (queue wait, model time, size of the batch it rode in).
   ``enqueue(images, deadline)`` does the same without waiting: the returned :class:`Pending`'s
   future resolves with that answer, and ``abandon(pending)`` gives a place back that its
   caller no longer wants (a stream that was cancelled).
@@ -58,7 +59,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -78,6 +79,17 @@ ModelFn = Callable[[np.ndarray], tuple[np.ndarray, int]]
 BatchResult = tuple[np.ndarray, np.ndarray]
 
 
+class Answer(NamedTuple):
+    """What the batcher answers for one request."""
+
+    probabilities: np.ndarray  # [N, 10]
+    versions: np.ndarray  # [N]: the model version of each image's batch
+    queue_s: float  # from queueing to its first model call
+    compute_s: float  # model time of the call(s) that computed it
+    batch_size: int  # images in the model call that carried its first image
+    dispatched_at: float = 0.0  # time.monotonic() when its first image went to the model
+
+
 @dataclass(eq=False)
 class Pending:
     """A request in the batcher: its images, and the future its answer resolves."""
@@ -89,6 +101,17 @@ class Pending:
     next_image: int = 0  # first image not yet handed to the model (guarded by the lock)
     parts: list[BatchResult] = field(default_factory=list)  # event loop only
     dispatched: bool = False
+    queue_s: float = 0.0  # set when its first image is handed to the model
+    dispatched_at: float = 0.0
+    compute_s: float = 0.0  # summed over its batches, on the event loop
+    batch_size: int = 0
+
+    def answer(self) -> Answer:
+        """Its answer, once the future is done."""
+        probs, versions = self.future.result()
+        return Answer(
+            probs, versions, self.queue_s, self.compute_s, self.batch_size, self.dispatched_at
+        )
 
     @property
     def waiting_images(self) -> int:
@@ -159,14 +182,15 @@ class DynamicBatcher:
             self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
             self._thread.start()
 
-    async def submit(self, images: np.ndarray, deadline: float | None = None) -> BatchResult:
-        """Queue ``images`` for the model and wait for their probabilities and versions."""
+    async def submit(self, images: np.ndarray, deadline: float | None = None) -> Answer:
+        """Queue ``images`` for the model and wait for their answer."""
         if len(images) == 0:
-            return np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64)
+            return Answer(np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64), 0, 0, 0)
         request = self.enqueue(images, deadline)
         self.unresolved += 1
         try:
-            return await request.future
+            await request.future
+            return request.answer()
         except asyncio.CancelledError:
             self.abandon(request)
             raise
@@ -304,12 +328,19 @@ class DynamicBatcher:
             batch.append(_Slice(req, req.next_image, req.next_image + take))
             if not req.dispatched:
                 req.dispatched = True
-                observe_queue(now - req.enqueued)
+                req.queue_s = now - req.enqueued
+                req.dispatched_at = now
+                req.batch_size = -1  # this batch's size, once known (below)
+                observe_queue(req.queue_s)
             req.next_image += take
             room -= take
             if req.waiting_images == 0:
                 self._queue.popleft()
-        self._queued_images -= self.max_batch_size - room
+        taken = self.max_batch_size - room
+        self._queued_images -= taken
+        for s in batch:
+            if s.request.batch_size == -1:
+                s.request.batch_size = taken
         return batch, expired
 
     def _compute(self, batch: list[_Slice]) -> None:
@@ -317,7 +348,9 @@ class DynamicBatcher:
         try:
             parts = [s.request.images[s.start : s.stop] for s in batch]
             images = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            started = time.perf_counter()
             probs, version = self._model_fn(images)
+            compute_s = time.perf_counter() - started
             if probs.shape != (n, NUM_CLASSES):
                 raise ValueError(f"model returned shape {probs.shape} for {n} images")
         except Exception as err:
@@ -333,7 +366,7 @@ class DynamicBatcher:
             self._post(self._fail_all, [s.request for s in batch], error)
             return
         self._metrics.batch_size.observe(n)
-        self._post(self._deliver, batch, probs, version)
+        self._post(self._deliver, batch, probs, version, compute_s)
 
     def _release(self, req: Pending) -> None:
         """Take a request's images that are still queued out of the count. Under the lock."""
@@ -357,7 +390,7 @@ class DynamicBatcher:
                 req.future.set_exception(error)
 
     @staticmethod
-    def _deliver(batch: list[_Slice], probs: np.ndarray, version: int) -> None:
+    def _deliver(batch: list[_Slice], probs: np.ndarray, version: int, compute_s: float) -> None:
         offset = 0
         for s in batch:
             n = s.stop - s.start
@@ -366,6 +399,7 @@ class DynamicBatcher:
             offset += n
             if req.future.done():  # cancelled while computing, or an earlier part failed
                 continue
+            req.compute_s += compute_s
             if s.start == 0 and s.stop == len(req.images):
                 req.future.set_result(rows)
                 continue

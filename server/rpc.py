@@ -18,14 +18,20 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import grpc.aio
 
+from mnist_client.timing import HEADER as TIMING_HEADER
+from mnist_client.timing import format_server_timing
+from server.batcher import Answer
 from server.calls import CallTracker
 from server.errors import InvalidArgument, ServiceError, Unauthenticated
 from server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +39,13 @@ log = logging.getLogger(__name__)
 class Call:
     """What a method implementation gets besides the request bytes."""
 
-    __slots__ = ("context", "deadline", "images")
+    __slots__ = ("answer", "context", "deadline", "images")
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self.context = context
         self.deadline = deadline_of(context)
         self.images = 0  # set by the implementation once it knows, for the metrics
+        self.answer: Answer | None = None  # the batcher's, for the server-timing trailer
 
 
 UnaryImpl = Callable[[bytes, Call], Awaitable[bytes]]
@@ -84,12 +91,16 @@ class UnaryMethod:
         calls: CallTracker,
         metrics: ServerMetrics,
         auth: Authenticator,
+        server_timing: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         self.name = name
         self.impl = impl
         self.calls = calls
         self.metrics = metrics
         self.auth = auth
+        self.server_timing = server_timing
+        self.tracing = tracing
 
     async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
@@ -108,7 +119,17 @@ class UnaryMethod:
             calls.charge(len(raw))
             size = len(raw)  # charged: given back in `finally`
             call = Call(context)
-            return await self.impl(raw, call)
+            response = await self.impl(raw, call)
+            answer = call.answer
+            if answer is not None and self.tracing is not None:
+                self.tracing.record(answer)
+            if answer is not None and self.server_timing:
+                timing = format_server_timing(
+                    answer.queue_s, answer.compute_s, time.perf_counter() - started,
+                    answer.batch_size, int(answer.versions[-1]) if len(answer.versions) else 0,
+                )  # fmt: skip
+                context.set_trailing_metadata(((TIMING_HEADER, timing),))
+            return response
         except ServiceError as err:
             code = err.code.name
             try:

@@ -22,7 +22,7 @@ from mnist_client.contract import (
 )
 from mnist_client.pb import digit_classifier_pb2 as pb
 from server import wire
-from server.batcher import DynamicBatcher
+from server.batcher import Answer, DynamicBatcher
 from server.errors import ServiceError, Unavailable
 from server.manager import ModelManager
 from server.rpc import Call, UnaryImpl
@@ -57,15 +57,15 @@ class DigitClassifier:
         call.images = 1
         images = wire.parse_predict(raw)
         self.check_ready()
-        probs, versions = await self._batcher.submit(images, call.deadline)
-        return wire.encode_predict(probs[0], int(versions[0]))
+        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        return wire.encode_predict(answer.probabilities[0], int(answer.versions[0]))
 
     async def batch_predict(self, raw: bytes, call: Call) -> bytes:
         images = wire.parse_batch_predict(raw, self._settings.max_images_per_request)
         call.images = len(images)
         self.check_ready()
-        probs, versions = await self._batcher.submit(images, call.deadline)
-        return wire.encode_batch_predict(probs, versions)
+        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        return wire.encode_batch_predict(answer.probabilities, answer.versions)
 
     # PredictStream: the codec that server.streams.StreamMethod reads and answers with
 
@@ -76,8 +76,11 @@ class DigitClassifier:
         except wire.StreamImageError as err:
             raise ItemError(err.request_id, err) from None
 
-    def answer(self, key: Any, probabilities: np.ndarray, versions: np.ndarray) -> bytes:
-        return wire.encode_stream_prediction(key, probabilities[0], int(versions[0]))
+    def answer(self, key: Any, answer: Answer, total_s: float) -> bytes:
+        return wire.encode_stream_prediction(
+            key, answer.probabilities[0], int(answer.versions[0]),
+            (answer.queue_s, answer.compute_s, total_s, answer.batch_size),
+        )  # fmt: skip
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
         return wire.encode_stream_error(key, error.code.value[0], error.message)

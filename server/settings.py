@@ -44,6 +44,8 @@ class Settings:
     max_concurrent_streams: int = 1024
     max_concurrent_rpcs: int = 256
     max_stream_images: int = 256
+    server_timing: str = "on"
+    tracing: str = "off"
     max_inflight_bytes: int = 64 * 1024 * 1024
     poll_seconds: float = 2.0
     grace_seconds: float = 20.0
@@ -72,6 +74,10 @@ class Settings:
             problems.append("--max-queue-images must be >= --max-images-per-request")
         if self.max_message_bytes < self.max_images_per_request * 790:
             problems.append("--max-message-bytes is too small for --max-images-per-request")
+        if self.server_timing not in ("on", "off"):
+            problems.append("--server-timing must be on or off")
+        if self.tracing not in ("off", "otlp"):
+            problems.append("--tracing must be off or otlp")
         if self.max_concurrent_rpcs < 1 or self.max_stream_images < 1:
             problems.append("--max-concurrent-rpcs and --max-stream-images must be >= 1")
         if self.max_inflight_bytes < self.max_message_bytes:
@@ -116,6 +122,10 @@ _HELP = {
     "new calls get RESOURCE_EXHAUSTED at once",
     "max_inflight_bytes": "most request bytes held by calls in flight; beyond this new calls "
     "get RESOURCE_EXHAUSTED",
+    "server_timing": "on: every prediction answers with a server-timing trailer (queue, "
+    "compute and total ms, batch size, version); off: none",
+    "tracing": "otlp: OpenTelemetry spans per call (with queue and compute children) to the OTLP "
+    "exporter set by OTEL_EXPORTER_OTLP_* (needs the tracing extra); off: none",
     "max_stream_images": "most images in flight per PredictStream (read, not yet answered); at "
     "this the server stops reading the stream until answers go out",
     "poll_seconds": "how often the model folder is checked for new versions",

@@ -27,17 +27,20 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import grpc.aio
 import numpy as np
 
-from server.batcher import DynamicBatcher, Pending
+from server.batcher import Answer, DynamicBatcher, Pending
 from server.calls import CallTracker
 from server.errors import Internal, ServiceError, Unavailable
 from server.metrics import ServerMetrics
 from server.rpc import Authenticator, deadline_of, ended_code
+
+if TYPE_CHECKING:
+    from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,9 @@ class StreamCodec(Protocol):
         """
         ...
 
-    def answer(self, key: Any, probabilities: np.ndarray, versions: np.ndarray) -> bytes:
-        """The answer to the message ``key`` for its images' probabilities and versions."""
+    def answer(self, key: Any, answer: Answer, total_s: float) -> bytes:
+        """The answer to the message ``key``: the batcher's ``answer`` for its images, and
+        ``total_s`` seconds from reading the message to now (for its server timing)."""
         ...
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
@@ -85,6 +89,8 @@ class StreamMethod:
         auth: Authenticator,
         window: int,
         precondition: Callable[[], None] = lambda: None,
+        tracing: Tracing | None = None,
+        path: str = "",
     ) -> None:
         self.name = name
         self.codec = codec
@@ -94,6 +100,8 @@ class StreamMethod:
         self.auth = auth
         self.window = window
         self.precondition = precondition  # raises a ServiceError to refuse a new stream
+        self.tracing = tracing
+        self.path = path  # "/service/Method", for its span
         self.ok_images = metrics.images.labels(name, "OK")
 
     async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
@@ -105,7 +113,11 @@ class StreamMethod:
             admitted = True
             self.auth.check(context)
             self.precondition()
-            await _Stream(self, context).run()
+            if self.tracing is None:
+                await _Stream(self, context).run()
+            else:
+                with self.tracing.stream_span(self.path, context.invocation_metadata()):
+                    await _Stream(self, context).run()
         except ServiceError as err:
             code = err.code.name
             try:
@@ -205,6 +217,7 @@ class _Stream:
             if not isinstance(raw, bytes):
                 return  # the caller closed its side
             self.in_flight += 1  # read, so it will be answered, drain or not
+            read_at = time.perf_counter()
             try:
                 key, images = codec.read(raw)
             except ItemError as err:
@@ -223,18 +236,23 @@ class _Stream:
                 self._post(codec.fail(key, err), err.code.name)
                 continue
             self.pending.add(pending)
-            pending.future.add_done_callback(self._answered(key, pending))
+            pending.future.add_done_callback(self._answered(key, pending, read_at))
 
-    def _answered(self, key: Any, pending: Pending) -> Callable[[asyncio.Future[Any]], None]:
+    def _answered(
+        self, key: Any, pending: Pending, read_at: float
+    ) -> Callable[[asyncio.Future[Any]], None]:
         def done(future: asyncio.Future[Any]) -> None:
             self.pending.discard(pending)
             if future.cancelled():
                 return
             error = future.exception()
             if error is None:
-                probs, versions = future.result()
-                self.m.ok_images.inc(len(probs))
-                self._post(self.m.codec.answer(key, probs, versions), None)
+                answer = pending.answer()
+                self.m.ok_images.inc(len(answer.probabilities))
+                if self.m.tracing is not None:
+                    self.m.tracing.record(answer)
+                total_s = time.perf_counter() - read_at
+                self._post(self.m.codec.answer(key, answer, total_s), None)
             elif isinstance(error, ServiceError):
                 self._post(self.m.codec.fail(key, error), error.code.name)
             else:  # a bug: answered, logged, the stream goes on

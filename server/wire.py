@@ -21,6 +21,7 @@ the same values protobuf's parser does for any message it accepts.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 import numpy as np
@@ -296,12 +297,33 @@ _ERROR_CODE_TAG = _tag(1, _VARINT)
 _ERROR_MESSAGE_TAG = _tag(2, _LEN)
 
 
-def encode_stream_prediction(request_id: int, probabilities: np.ndarray, version: int) -> bytes:
-    """A PredictStreamResponse carrying one image's prediction."""
+_STREAM_TIMING_TAG = _tag(4, _LEN)
+_TIMING_STRUCT = struct.Struct("<BdBdBd")  # three (tag, little-endian double) pairs
+_TIMING_TAGS = (_tag(1, _I64)[0], _tag(2, _I64)[0], _tag(3, _I64)[0])
+_BATCH_TAG = _tag(4, _VARINT)
+
+
+def encode_timing(queue_s: float, compute_s: float, total_s: float, batch_size: int) -> bytes:
+    """A ServerTiming message (milliseconds; every field written, zeros included)."""
+    q, c, t = _TIMING_TAGS
+    return _TIMING_STRUCT.pack(q, queue_s * 1e3, c, compute_s * 1e3, t, total_s * 1e3) + (
+        _BATCH_TAG + varint(batch_size) if batch_size else b""
+    )
+
+
+def encode_stream_prediction(
+    request_id: int,
+    probabilities: np.ndarray,
+    version: int,
+    timing: tuple[float, float, float, int] | None = None,
+) -> bytes:
+    """A PredictStreamResponse carrying one image's prediction (and its server timing)."""
     prediction = encode_predict(probabilities, version)
+    timed = encode_timing(*timing) if timing is not None else b""
     return b"".join((
         _STREAM_ID_TAG + varint(request_id) if request_id else b"",
         _STREAM_PREDICTION_TAG, varint(len(prediction)), prediction,
+        _STREAM_TIMING_TAG + varint(len(timed)) + timed if timed else b"",
     ))  # fmt: skip
 
 

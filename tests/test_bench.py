@@ -32,8 +32,10 @@ def test_bench_smoke_produces_table_json_and_plot(
     assert json_path.with_suffix(".png").stat().st_size > 1000
     data = json.loads(json_path.read_text())
     rows = {(r["target"], r["load"]) for r in data["table"]}
-    for target in ("echo-sync", "echo-aio", "naive", "naive-litert", "batched"):
+    for target in ("echo-sync", "echo-aio", "naive", "naive-litert", "batched", "workers2"):
         assert (target, "predict-c1") in rows and (target, "predict-c16") in rows
+    for load in ("batch1024-c4", "stream100-c16", "kserve-c16", "tfserving-c16"):
+        assert ("batched", load) in rows, load
     assert ("batched", "batch1024-c4") in rows
     for row in data["table"]:
         assert row["errors"] == 0, row
@@ -46,6 +48,10 @@ def test_bench_smoke_produces_table_json_and_plot(
     assert set(data["ratios"]) == {
         "predict_c16_vs_echo_aio", "cpu_per_request_c16_vs_echo_aio", "p50_c1_vs_echo_aio",
         "batched_vs_naive_litert_c16", "batched_vs_naive_c16", "batch1024_vs_in_process_b1024",
+        "stream_images_per_s", "stream_images_vs_echo_aio_unary_c16",
+        "stream_cpu_per_image_vs_echo_aio_unary_c16", "workers2_vs_workers1_c16",
+        "server_timing_cpu_cost_c16", "kserve_cpu_per_request_vs_native_c16",
+        "tfserving_cpu_per_request_vs_native_c16",
     }  # fmt: skip
     for figures in data["servers"].values():
         assert figures["rss_mb"] > 0 and figures["start_to_serving_s"] > 0

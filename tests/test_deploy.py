@@ -101,6 +101,10 @@ def test_dashboard_covers_what_operators_need() -> None:
         "mnist_model_version", "mnist_inflight_requests",
     ):  # fmt: skip
         assert metric in exprs, metric
+    titles = [title for title, _ in _dashboard_queries()]
+    assert any("queue and compute p99" in t for t in titles)
+    assert any("waited more than 1 ms" in t for t in titles)
+    assert any("RESOURCE_EXHAUSTED" in t and "DEADLINE_EXCEEDED" in t for t in titles)
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le, method) (rate(mnist_rpc_duration" in exprs
 
@@ -146,7 +150,7 @@ def test_alert_rules_are_valid() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 rules found" in result.stdout
+    assert "6 rules found" in result.stdout
 
 
 def test_fleet_files_are_valid() -> None:

@@ -1,26 +1,22 @@
 """MNIST loading: the four IDX files from a folder, checked, or the standard download.
 
-IDX format (http://yann.lecun.com/exdb/mnist/): a big-endian header of two zero bytes, a
-type code (0x08 = unsigned byte), the number of dimensions, then one 32-bit big-endian size
-per dimension, then the data. Files may be gzipped (``.gz``), as they are distributed.
+The IDX files (plain or gzipped, as distributed) are read by :mod:`mnist_client.idx`.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mnist_client import idx
 from mnist_client.contract import IMAGE_SHAPE, NUM_CLASSES
 
-_UBYTE = 0x08
-_IMAGES_NDIM = 3
-_LABELS_NDIM = 1
+_IMAGES_NDIM = idx.IMAGES_NDIM
+_LABELS_NDIM = idx.LABELS_NDIM
 
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -59,48 +55,18 @@ class Mnist:
 
 
 def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
-    """Parse one IDX file (plain or gzipped) into a uint8 array, checking header and length."""
+    """One IDX file as a uint8 array (see :mod:`mnist_client.idx`); errors as DatasetError."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read ({err.strerror})") from None
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise DatasetError(f"{path}: not a valid gzip file ({err})") from None
-
-    if len(raw) < 4:
-        raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    zero1, zero2, type_code, ndim = raw[0], raw[1], raw[2], raw[3]
-    magic = int.from_bytes(raw[:4], "big")
-    if zero1 or zero2 or type_code != _UBYTE or ndim != expected_ndim:
-        expected_magic = (_UBYTE << 8) | expected_ndim
-        raise DatasetError(
-            f"{path}: bad IDX magic number 0x{magic:08x} (expected 0x{expected_magic:08x})"
-        )
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
-    expected_len = int(np.prod(dims, dtype=np.int64))
-    body_len = len(raw) - header_len
-    if body_len != expected_len:
-        what = "truncated" if body_len < expected_len else "trailing bytes after data"
-        raise DatasetError(
-            f"{path}: {what}: header declares {dims} = {expected_len} bytes, file has {body_len}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+        return idx.read_idx(path, expected_ndim)
+    except idx.IdxError as err:
+        raise DatasetError(str(err)) from None
 
 
 def _find(data_dir: Path, stem: str) -> Path:
-    for name in (stem, f"{stem}.gz"):
-        candidate = data_dir / name
-        if candidate.is_file():
-            return candidate
-    raise DatasetError(f"{data_dir / stem}: file not found (nor {stem}.gz)")
+    try:
+        return idx.find(data_dir, stem)
+    except idx.IdxError as err:
+        raise DatasetError(str(err)) from None
 
 
 def _sha256(path: Path) -> str:

@@ -16,6 +16,7 @@ from mnist_client.client import (
     StreamResult,
 )
 from mnist_client.images import IMAGE_BYTES, ImageError, to_batch, to_image_bytes
+from mnist_client.timing import Timing
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -28,6 +29,7 @@ __all__ = [
     "Prediction",
     "PredictionError",
     "StreamResult",
+    "Timing",
     "to_batch",
     "to_image_bytes",
 ]

@@ -1,4 +1,4 @@
-"""``python -m mnist_client``: predict files, show model info, check health."""
+"""``python -m mnist_client``: predict files, show model info, check health, load-test."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -33,21 +34,35 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", parents=[common], help="show the model being served")
     health = sub.add_parser("health", parents=[common], help="standard gRPC health check")
     health.add_argument("--service", default="", help='service name ("" = whole server)')
+    bench = sub.add_parser("bench", parents=[common], help="load-test the server; report")
+    bench.add_argument("--concurrency", type=int, default=64, help="callers (or streams)")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds")
+    bench.add_argument("--method", default="predict", help="predict, batch or stream")
+    bench.add_argument("--batch-size", type=int, default=32, help="images per batch call")
+    bench.add_argument("--data", type=Path, help="an IDX images file, or a folder with "
+                       "t10k-images/labels (then accuracy is reported too)")  # fmt: skip
+    bench.add_argument("--processes", type=int, default=0, help="0 = one per 32 callers")
+    bench.add_argument("--json", type=Path, help="also write the figures here")
+    bench.add_argument("--fail-on-error", action="store_true", help="exit 1 on any error")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def _client(args: argparse.Namespace) -> DigitClient:
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
     def read(p: Path | None) -> bytes | None:
         return p.read_bytes() if p else None
 
-    return DigitClient(
-        args.target,
-        timeout=args.timeout,
-        root_certificates=read(args.ca_cert),
-        certificate_chain=read(args.client_cert),
-        private_key=read(args.client_key),
-        token=args.token_file.read_text().strip() if args.token_file else None,
-    )
+    return {
+        "timeout": args.timeout,
+        "root_certificates": read(args.ca_cert),
+        "certificate_chain": read(args.client_cert),
+        "private_key": read(args.client_key),
+        "token": args.token_file.read_text().strip() if args.token_file else None,
+    }
+
+
+def _client(args: argparse.Namespace) -> DigitClient:
+    return DigitClient(args.target, **_client_options(args))
 
 
 def _line(name: str, pred: Prediction) -> str:
@@ -82,6 +97,10 @@ def _predict(client: DigitClient, files: Sequence[Path], stream: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mnist-client`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        from mnist_client import bench
+
+        return bench.main(args, _client_options(args))
     try:
         with _client(args) as client:
             if args.command == "predict":

@@ -20,6 +20,7 @@ from mnist_client import health_codec
 from mnist_client.images import to_batch, to_image_bytes
 from mnist_client.pb import digit_classifier_pb2 as pb
 from mnist_client.pb import digit_classifier_pb2_grpc as pb_grpc
+from mnist_client.timing import Timing, from_metadata
 
 DEFAULT_TIMEOUT_S = 10.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -60,11 +61,13 @@ def service_config(load_balancing: str = "pick_first") -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer: the digit, the 10 class probabilities and the model version."""
+    """One image's answer: the digit, the 10 class probabilities and the model version, and
+    where its time went on the server (``timing``; None from a server that does not say)."""
 
     digit: int
     probabilities: np.ndarray
     model_version: int
+    timing: Timing | None = None
 
     @property
     def confidence(self) -> float:
@@ -79,12 +82,15 @@ class BatchPrediction:
     digits: np.ndarray  # [N] int
     probabilities: np.ndarray  # [N, 10] float32
     model_versions: np.ndarray  # [N] int64
+    timing: Timing | None = None  # the whole call's, from the server-timing trailer
 
     def __len__(self) -> int:
         return len(self.digits)
 
     def __getitem__(self, i: int) -> Prediction:
-        return Prediction(int(self.digits[i]), self.probabilities[i], int(self.model_versions[i]))
+        return Prediction(
+            int(self.digits[i]), self.probabilities[i], int(self.model_versions[i]), self.timing
+        )
 
 
 @dataclass(frozen=True)
@@ -135,14 +141,15 @@ def _batch_request(images: Any) -> pb.BatchPredictRequest:
     return pb.BatchPredictRequest(images=to_batch(images))
 
 
-def _prediction(resp: pb.PredictResponse) -> Prediction:
-    return Prediction(resp.digit, np.array(resp.probabilities, np.float32), resp.model_version)
+def _prediction(resp: pb.PredictResponse, timing: Timing | None = None) -> Prediction:
+    probs = np.array(resp.probabilities, np.float32)
+    return Prediction(resp.digit, probs, resp.model_version, timing)
 
 
-def _batch_prediction(resp: pb.BatchPredictResponse) -> BatchPrediction:
+def _batch_prediction(resp: pb.BatchPredictResponse, timing: Timing | None) -> BatchPrediction:
     probs = np.array(resp.probabilities, np.float32).reshape(-1, 10)
     return BatchPrediction(
-        np.array(resp.digits, np.int64), probs, np.array(resp.model_versions, np.int64)
+        np.array(resp.digits, np.int64), probs, np.array(resp.model_versions, np.int64), timing
     )
 
 
@@ -151,7 +158,12 @@ _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
 def _stream_result(resp: pb.PredictStreamResponse) -> StreamResult:
     if resp.HasField("prediction"):
-        return StreamResult(resp.id, prediction=_prediction(resp.prediction))
+        timing = None
+        if resp.HasField("timing"):
+            t = resp.timing
+            version = resp.prediction.model_version
+            timing = Timing(t.queue_ms, t.compute_ms, t.total_ms, t.batch_size, version)
+        return StreamResult(resp.id, prediction=_prediction(resp.prediction, timing))
     code = _STATUS_BY_VALUE.get(resp.error.code, grpc.StatusCode.UNKNOWN)
     return StreamResult(resp.id, error=PredictionError(code, resp.error.message))
 
@@ -255,6 +267,21 @@ def _config(
     )
 
 
+try:  # with OpenTelemetry installed, calls carry the caller's trace context (traceparent)
+    from opentelemetry import propagate as _propagate
+except ImportError:  # pragma: no cover - the SDK does not require it
+    _propagate = None  # type: ignore[assignment]
+
+
+def _trace_context() -> tuple[tuple[str, str], ...]:
+    """The current span's W3C ``traceparent`` (and ``tracestate``) as call metadata."""
+    if _propagate is None:
+        return ()
+    carrier: dict[str, str] = {}
+    _propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
 class _ClientBase:
     """Channel set-up shared by both clients; ``_channels`` is ``grpc`` or ``grpc.aio``."""
 
@@ -292,12 +319,12 @@ class _ClientBase:
     def _kw(self, timeout: float | None) -> dict[str, Any]:
         return {
             "timeout": self._cfg.timeout if timeout is None else timeout,
-            "metadata": self._cfg.metadata,
+            "metadata": self._cfg.metadata + _trace_context(),
         }
 
     def _stream_kw(self, timeout: float | None) -> dict[str, Any]:
         # a stream lasts as long as its input: no deadline unless the caller gives one
-        return {"timeout": timeout, "metadata": self._cfg.metadata}
+        return {"timeout": timeout, "metadata": self._cfg.metadata + _trace_context()}
 
 
 class DigitClient(_ClientBase):
@@ -320,12 +347,14 @@ class DigitClient(_ClientBase):
 
     def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
         """Classify one image (array, 784 bytes, path or PIL image)."""
-        return _prediction(self._stub.Predict(_predict_request(image), **self._kw(timeout)))
+        resp, call = self._stub.Predict.with_call(_predict_request(image), **self._kw(timeout))
+        return _prediction(resp, from_metadata(call.trailing_metadata()))
 
     def batch_predict(self, images: Any, *, timeout: float | None = None) -> BatchPrediction:
         """Classify many images in one call; answers come back in order."""
-        resp = self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
-        return _batch_prediction(resp)
+        request = _batch_request(images)
+        resp, call = self._stub.BatchPredict.with_call(request, **self._kw(timeout))
+        return _batch_prediction(resp, from_metadata(call.trailing_metadata()))
 
     def predict_stream(
         self, images: Iterable[Any], *, timeout: float | None = None
@@ -374,12 +403,15 @@ class AsyncDigitClient(_ClientBase):
 
     async def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
         """Classify one image (array, 784 bytes, path or PIL image)."""
-        return _prediction(await self._stub.Predict(_predict_request(image), **self._kw(timeout)))
+        call = self._stub.Predict(_predict_request(image), **self._kw(timeout))
+        resp = await call
+        return _prediction(resp, from_metadata(await call.trailing_metadata()))
 
     async def batch_predict(self, images: Any, *, timeout: float | None = None) -> BatchPrediction:
         """Classify many images in one call; answers come back in order."""
-        resp = await self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
-        return _batch_prediction(resp)
+        call = self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
+        resp = await call
+        return _batch_prediction(resp, from_metadata(await call.trailing_metadata()))
 
     async def predict_stream(
         self, images: Iterable[Any], *, timeout: float | None = None

@@ -35,7 +35,9 @@ from mnist_client.contract import (
     OUTPUT_NAME,
     OUTPUT_SHAPE,
 )
-from server.batcher import DynamicBatcher
+from mnist_client.timing import HEADER as TIMING_HEADER
+from mnist_client.timing import format_server_timing
+from server.batcher import Answer, DynamicBatcher
 from server.errors import InvalidArgument, ServiceError
 from server.metrics import Duration, InferenceStats
 from server.protocols.base import ServedModel, parse
@@ -167,8 +169,10 @@ class KServe:
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
         request, images = self._read(raw)
         call.images = len(images)
-        probs, versions = await self._batcher.submit(images, call.deadline)
-        return _answer(request, self._model.name, probs, versions).SerializeToString()
+        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        return _answer(
+            request, self._model.name, answer.probabilities, answer.versions
+        ).SerializeToString()
 
     def _read(self, raw: bytes) -> tuple[oip.ModelInferRequest, np.ndarray]:
         request = parse(oip.ModelInferRequest, raw)
@@ -194,8 +198,14 @@ class KServe:
         except ServiceError as err:
             raise ItemError(_request_of(raw), err) from None
 
-    def answer(self, key: Any, probabilities: np.ndarray, versions: np.ndarray) -> bytes:
-        response = _answer(key, self._model.name, probabilities, versions)
+    def answer(self, key: Any, answer: Answer, total_s: float) -> bytes:
+        response = _answer(key, self._model.name, answer.probabilities, answer.versions)
+        # the unary call's server-timing trailer, as a response parameter (a stream has one
+        # trailer for all its answers)
+        response.parameters[TIMING_HEADER].string_param = format_server_timing(
+            answer.queue_s, answer.compute_s, total_s, answer.batch_size,
+            int(answer.versions[-1]),
+        )  # fmt: skip
         return triton.ModelStreamInferResponse(infer_response=response).SerializeToString()
 
     def fail(self, key: Any, error: ServiceError) -> bytes:

@@ -98,7 +98,8 @@ class TFServing:
                 )
         images = _images(request, self._settings.max_images_per_request)
         call.images = len(images)
-        probs, versions = await self._batcher.submit(images, call.deadline)
+        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        probs, versions = answer.probabilities, answer.versions
         model = self._model.current
         response = tfs.PredictResponse()
         if model is not None:

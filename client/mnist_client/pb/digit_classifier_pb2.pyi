@@ -48,14 +48,28 @@ class PredictStreamRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class PredictStreamResponse(_message.Message):
-    __slots__ = ("id", "prediction", "error")
+    __slots__ = ("id", "prediction", "error", "timing")
     ID_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     id: int
     prediction: PredictResponse
     error: ImageError
-    def __init__(self, id: _Optional[int] = ..., prediction: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ...) -> None: ...
+    timing: ServerTiming
+    def __init__(self, id: _Optional[int] = ..., prediction: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+
+class ServerTiming(_message.Message):
+    __slots__ = ("queue_ms", "compute_ms", "total_ms", "batch_size")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+    batch_size: int
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ImageError(_message.Message):
     __slots__ = ("code", "message")
