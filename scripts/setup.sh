@@ -17,7 +17,7 @@ want=$(cat pyproject.toml client/pyproject.toml scripts/setup.sh | sha256sum | c
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "== installing into .venv (first run downloads TensorFlow, ~1-2 minutes)"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e "./client[images]" -e ".[train,tracing,dev]"
+    .venv/bin/python -m pip install --quiet -e "./client[images]" -e ".[train,keras,tracing,dev]"
     # the TF Serving client for the interop tests: its "tensorflow" requirement is met by the
     # tensorflow-cpu the train extra installs, so it goes in without dependencies
     .venv/bin/python -m pip install --quiet --no-deps "tensorflow-serving-api>=2.18,<2.22"

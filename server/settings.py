@@ -110,8 +110,9 @@ _HELP = {
     "model_version": "serve exactly this version and do not follow new ones (default: highest)",
     "model_name": "the model's name in the KServe v2 and TensorFlow Serving protocols",
     "model_threads": "threads per model call (0 = one per core)",
-    "runtime": "litert (model.tflite on XNNPACK, CPU, no TensorFlow), tensorflow (the "
-    "SavedModel), or auto (litert on a CPU, tensorflow on a GPU)",
+    "runtime": "litert (model.tflite on XNNPACK, CPU, no TensorFlow), keras (model.keras on "
+    "JAX: GPU or CPU), tensorflow (the SavedModel), or auto (litert on a CPU; on a GPU "
+    "tensorflow if installed, else keras)",
     "max_batch_size": "most images in one model call (1 = no batching)",
     "batch_timeout_ms": "extra wait to fill a batch once the model is free (0 = never wait)",
     "max_queue_images": "images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED",

@@ -139,3 +139,57 @@ def test_the_server_serves_without_tensorflow(
         assert "tensorflow" not in maps, "a TensorFlow library is loaded in the server"
     finally:
         assert srv.stop() == 0
+
+
+def test_the_keras_runtime_serves_the_same_answers_on_jax(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    pytest.importorskip("jax")
+    x = mnist_test[0][:300]
+    expected = load_version(trained_model_dir, 1, "litert").predict(x)
+    # a server process of its own: Keras picks its backend (JAX) when first imported
+    srv = start_server(
+        trained_model_dir, tmp_path / "server.log", "--runtime", "keras", "--max-batch-size", "64"
+    )
+    try:
+        with DigitClient(srv.target) as client:
+            info = client.model_info()
+            batch = client.batch_predict(x)  # 300 images: five 64-image buckets' calls
+            single = client.predict(x[7])
+        assert (info.runtime, info.device) == ("keras", "cpu")
+        np.testing.assert_allclose(batch.probabilities, expected, atol=1e-5)
+        np.testing.assert_allclose(single.probabilities, expected[7], atol=1e-5)
+        assert "with keras (model.keras)" in srv.log()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_the_keras_runtime_refuses_a_process_whose_keras_runs_on_another_backend(
+    trained_model_dir: Path,
+) -> None:
+    pytest.importorskip("jax")
+    import subprocess
+
+    code = (
+        "import os; os.environ['KERAS_BACKEND'] = 'tensorflow'; import keras\n"
+        "from pathlib import Path\n"
+        "from server.versions import ModelLoadError, load_version\n"
+        "try:\n"
+        f"    load_version(Path({str(trained_model_dir)!r}), 1, 'keras')\n"
+        "except ModelLoadError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "already loaded with the tensorflow backend" in out.stdout, out.stderr[-2000:]
+
+
+def test_auto_picks_keras_on_a_gpu_without_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import runtimes
+
+    monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)
+    monkeypatch.setattr(tensorflow, "available", lambda: False)
+    assert runtimes._order("auto") == ["keras", "litert"]
+    monkeypatch.setattr(tensorflow, "available", lambda: True)
+    assert runtimes._order("auto") == ["tensorflow", "keras", "litert"]
+    monkeypatch.setattr(runtimes, "gpu_visible", lambda: False)
+    assert runtimes._order("auto")[0] == "litert"

@@ -53,6 +53,10 @@ def test_metadata_and_report(trained_model_dir: Path) -> None:
     assert abs(report["accuracy"] - meta["test_accuracy"]) < 1e-6
     with np.load(version / "golden.npz") as golden:
         assert golden["images"].shape[1:] == (28, 28) and len(golden["labels"]) == 100
+    for name in ("model.tflite", "model.keras"):  # each checked against the SavedModel
+        export = meta["exports"][name]
+        assert export["max_abs_diff"] <= 1e-4 and export["bytes"] == (version / name).stat().st_size
+        assert len(export["sha256"]) == 64
 
 
 def test_versions_count_up_and_never_overwrite(tmp_path: Path, mnist_dir: Path) -> None:

@@ -8,7 +8,7 @@ exponential backoff and nothing else, so a request the server rejected is never 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,13 @@ class _StreamRequests:
             raise StopIteration from None
         self._next_id += 1
         return message
+
+
+async def _async_requests(images: AsyncIterable[Any]) -> AsyncIterator[pb.PredictStreamRequest]:
+    next_id = 0
+    async for image in images:
+        yield pb.PredictStreamRequest(id=next_id, image=to_image_bytes(image))
+        next_id += 1
 
 
 def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
@@ -414,14 +421,24 @@ class AsyncDigitClient(_ClientBase):
         return _batch_prediction(resp, from_metadata(await call.trailing_metadata()))
 
     async def predict_stream(
-        self, images: Iterable[Any], *, timeout: float | None = None
+        self, images: Iterable[Any] | AsyncIterable[Any], *, timeout: float | None = None
     ) -> AsyncIterator[StreamResult]:
-        """The asyncio twin of :meth:`DigitClient.predict_stream`: an async iterator."""
-        requests = _StreamRequests(images)
-        call = self._stub.PredictStream(iter(requests), **self._stream_kw(timeout))
+        """The asyncio twin of :meth:`DigitClient.predict_stream`: an async iterator.
+
+        ``images`` may also be an async iterable, for a producer that must wait (for images
+        to arrive, or for answers before it sends more).
+        """
+        requests: _StreamRequests | None = None
+        source: Any
+        if isinstance(images, Iterable):
+            requests = _StreamRequests(images)
+            source = iter(requests)
+        else:
+            source = _async_requests(images)
+        call = self._stub.PredictStream(source, **self._stream_kw(timeout))
         async for resp in call:
             yield _stream_result(resp)
-        if requests.error is not None:
+        if requests is not None and requests.error is not None:
             raise requests.error
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:

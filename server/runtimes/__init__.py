@@ -3,10 +3,13 @@
 A runtime turns a version folder into something that computes a batch (:class:`Runtime`):
 
 * ``litert``: ``model.tflite`` on the LiteRT interpreter, CPU; needs no TensorFlow.
+* ``keras``: ``model.keras`` on Keras 3 with JAX, one compiled program per batch bucket; the
+  GPU runtime where TensorFlow is not installed (and it runs on a CPU too).
 * ``tensorflow``: the SavedModel itself, on a GPU where TensorFlow sees one.
 
-``auto`` prefers LiteRT on a CPU and TensorFlow on a GPU, and falls back (with a warning) to
-the next runtime that is installed and can read the version. Adding a runtime: a module here
+``auto`` prefers LiteRT on a CPU; on a machine with an NVIDIA GPU, TensorFlow if it is
+installed, else Keras/JAX if JAX sees the GPU. It falls back (with a warning) to the next
+runtime that is installed and can read the version. Adding a runtime: a module here
 with ``NAME``, ``available()`` and a loader returning a :class:`Runtime`, one entry in
 :data:`RUNTIMES` and in :func:`load_runtime`; the version checks in ``server.verify`` apply to
 it unchanged.
@@ -17,13 +20,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from server.runtimes import litert, tensorflow
+from server.runtimes import keras, litert, tensorflow
 from server.runtimes.base import Runtime, RuntimeUnusable
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", litert.NAME, tensorflow.NAME)
-_MODULES = {litert.NAME: litert, tensorflow.NAME: tensorflow}
+RUNTIMES = ("auto", litert.NAME, keras.NAME, tensorflow.NAME)
+_MODULES = {litert.NAME: litert, keras.NAME: keras, tensorflow.NAME: tensorflow}
 
 __all__ = ["RUNTIMES", "Runtime", "RuntimeUnusable", "gpu_visible", "load_runtime"]
 
@@ -38,8 +41,10 @@ def _order(setting: str) -> list[str]:
     if setting != "auto":
         return [setting]
     if gpu_visible():
-        return [tensorflow.NAME, litert.NAME]
-    return [litert.NAME, tensorflow.NAME]
+        if tensorflow.available():
+            return [tensorflow.NAME, keras.NAME, litert.NAME]
+        return [keras.NAME, litert.NAME]
+    return [litert.NAME, tensorflow.NAME, keras.NAME]
 
 
 def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) -> Runtime:
@@ -57,7 +62,7 @@ def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) 
             reasons.append(f"{name}: not installed")
             continue
         try:
-            runtime = _load(name, version_dir, threads, max_batch)
+            runtime = _load(name, version_dir, threads, max_batch, gpu=setting == "auto")
         except RuntimeUnusable as err:
             reasons.append(f"{name}: {err}")
             continue
@@ -67,10 +72,12 @@ def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) 
     raise RuntimeUnusable("; ".join(reasons))
 
 
-def _load(name: str, version_dir: Path, threads: int, max_batch: int) -> Runtime:
+def _load(name: str, version_dir: Path, threads: int, max_batch: int, gpu: bool) -> Runtime:
     if name == litert.NAME:
         return litert.load(
             version_dir, threads, max_batch, compile_if_missing=tensorflow.available()
         )
+    if name == keras.NAME:  # chosen by auto only for a GPU; asked for by name, anywhere
+        return keras.load(version_dir, max_batch, require_gpu=gpu and gpu_visible())
     tensorflow.configure_threads(threads)
     return tensorflow.load(version_dir)
