@@ -24,6 +24,9 @@ from mnist_client import AsyncDigitClient
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keras picks its backend once per process: training in this process needs TensorFlow's, and
+# the Keras runtime (JAX) is only tried in server processes of its own.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 def _data_dir() -> Path:

@@ -121,7 +121,55 @@ def test_unknown_or_mistyped_fields_are_invalid(
     assert "unknown field" in details or "wrong type" in details
 
 
-FUZZ_TESTS = ("raw bytes", "Predict messages", "BatchPredict messages", "unknown/mistyped fields")
+@FUZZ
+@given(
+    items=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=2**64 - 1), image_bytes),
+        max_size=12,
+        unique_by=lambda item: item[0],
+    ),
+    tail=st.one_of(st.none(), st.binary(min_size=1, max_size=64)),
+)
+def test_arbitrary_streams(
+    channel: grpc.Channel, items: list[tuple[int, bytes]], tail: bytes | None
+) -> None:
+    """Every well-formed message is answered (a prediction, or an error for that id alone);
+    raw bytes at the end either parse as a message or end the stream INVALID_ARGUMENT."""
+    messages = [pb.PredictStreamRequest(id=i, image=im).SerializeToString() for i, im in items]
+    if tail is not None:
+        messages.append(tail)
+    call = channel.stream_stream(
+        "/mnist.v1.DigitClassifier/PredictStream",
+        request_serializer=None,
+        response_deserializer=pb.PredictStreamResponse.FromString,
+    )
+    answers = []
+    try:
+        for answer in call(iter(messages), timeout=10):
+            answers.append(answer)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        code = err.code()  # type: ignore[attr-defined]
+    CASES["PredictStream calls"] += 1
+    assert code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, code
+    by_id = {}
+    for answer in answers:
+        by_id.setdefault(answer.id, []).append(answer)
+    for request_id, image in items:  # answered before any malformed tail ended the call
+        got = by_id.get(request_id, [])
+        assert got, (request_id, code)
+        assert len(got) == 1, (request_id, len(got))
+        want = "prediction" if len(image) == 784 else "error"
+        assert got[0].WhichOneof("result") == want, (request_id, len(image))
+
+
+FUZZ_TESTS = (
+    "raw bytes",
+    "Predict messages",
+    "BatchPredict messages",
+    "unknown/mistyped fields",
+    "PredictStream calls",
+)
 
 
 def test_fuzzing_ran_and_left_the_server_serving(server: ServerProcess) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mnist_client import DigitClient
+from server.runtimes import keras as keras_runtime
 from server.runtimes import litert, tensorflow
 from server.versions import ModelLoadError, load_version
 from tests.conftest import start_server
@@ -72,6 +73,7 @@ def test_without_tensorflow_such_a_version_is_refused_with_a_fix(
 ) -> None:
     (_copy_version(trained_model_dir / "1", tmp_path) / "model.tflite").unlink()
     monkeypatch.setattr(tensorflow, "available", lambda: False)
+    monkeypatch.setattr(keras_runtime, "available", lambda: False)  # a serving-only install
     for runtime in ("litert", "auto"):
         with pytest.raises(ModelLoadError, match=r"no model\.tflite.*re-export the version"):
             load_version(tmp_path, 1, runtime)
@@ -126,7 +128,8 @@ def test_the_server_serves_without_tensorflow(
     import os
 
     env = {**os.environ, "PYTHONPATH": str(blocker)}
-    srv = start_server(models, tmp_path / "server.log", env=env)
+    # (with auto, a version without model.tflite would go to the Keras runtime if installed)
+    srv = start_server(models, tmp_path / "server.log", "--runtime", "litert", env=env)
     try:
         with DigitClient(srv.target) as client:
             info = client.model_info()
@@ -148,9 +151,13 @@ def test_the_keras_runtime_serves_the_same_answers_on_jax(
     x = mnist_test[0][:300]
     expected = load_version(trained_model_dir, 1, "litert").predict(x)
     # a server process of its own: Keras picks its backend (JAX) when first imported
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     srv = start_server(
-        trained_model_dir, tmp_path / "server.log", "--runtime", "keras", "--max-batch-size", "64"
-    )
+        trained_model_dir, tmp_path / "server.log", "--runtime", "keras", "--max-batch-size",
+        "64", env=env,
+    )  # fmt: skip
     try:
         with DigitClient(srv.target) as client:
             info = client.model_info()
@@ -171,7 +178,7 @@ def test_the_keras_runtime_refuses_a_process_whose_keras_runs_on_another_backend
     import subprocess
 
     code = (
-        "import os; os.environ['KERAS_BACKEND'] = 'tensorflow'; import keras\n"
+        "import os; os.environ['KERAS_BACKEND'] = 'tensorflow'; import keras  # noqa\n"
         "from pathlib import Path\n"
         "from server.versions import ModelLoadError, load_version\n"
         "try:\n"

@@ -152,7 +152,12 @@ def test_reflection_lists_and_describes_the_service(server: ServerProcess) -> No
         pool = DescriptorPool(db)
         service = pool.FindServiceByName("mnist.v1.DigitClassifier")
     assert {"mnist.v1.DigitClassifier", "grpc.health.v1.Health"} <= services
-    assert [m.name for m in service.methods] == ["Predict", "BatchPredict", "GetModelInfo"]
+    assert [m.name for m in service.methods] == [
+        "Predict",
+        "BatchPredict",
+        "GetModelInfo",
+        "PredictStream",
+    ]
 
 
 def test_metrics_page_has_every_metric(server: ServerProcess) -> None:
