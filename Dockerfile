@@ -6,6 +6,8 @@
 #     docker build --target train -t mnist-serving-train .
 #     docker run -v $PWD/models:/models -v /path/to/mnist:/data:ro mnist-serving-train \
 #         mnist-train --arch cnn --data-dir /data --model-dir /models
+# linux/amd64 only: ai-edge-litert (the serving runtime) has no Linux aarch64 wheel; on an
+# arm64 host build with --platform linux/amd64.
 
 # -- a non-root user, shared by both images ---------------------------------------------------
 FROM python:3.11-slim AS base

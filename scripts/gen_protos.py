@@ -77,15 +77,26 @@ def generate(stubs: StubSet) -> dict[str, str]:
             for proto in stubs.files:
                 src_pkg = str(Path(proto).parent).replace("/", ".")
                 text = text.replace(f"from {src_pkg} import", f"from {stubs.package} import")
-            if stubs.private_pool and path.suffix == ".py":
-                text = text.replace(
-                    "# @@protoc_insertion_point(imports)",
-                    f"from {stubs.private_pool} import POOL as _POOL\n"
-                    "# @@protoc_insertion_point(imports)",
-                ).replace("_descriptor_pool.Default().AddSerializedFile", "_POOL.AddSerializedFile")
+            if stubs.private_pool and path.suffix == ".py" and not path.name.endswith("_grpc.py"):
+                text = _into_private_pool(text, stubs.private_pool, path.name)
             files[path.name] = HEADER + text
     files["__init__.py"] = HEADER + f'"""{stubs.docstring}"""\n'
     return files
+
+
+def _into_private_pool(text: str, pool_module: str, name: str) -> str:
+    """Make generated messages register in ``pool_module``'s pool, not protobuf's default one
+    (where they would clash with the same protos imported by tritonclient or TensorFlow)."""
+    edits = (
+        ("# @@protoc_insertion_point(imports)",
+         f"from {pool_module} import POOL as _POOL\n# @@protoc_insertion_point(imports)"),
+        ("_descriptor_pool.Default().AddSerializedFile", "_POOL.AddSerializedFile"),
+    )  # fmt: skip
+    for old, new in edits:
+        if text.count(old) != 1:  # protoc's output changed: do not silently use the default
+            raise SystemExit(f"{name}: expected one '{old}' in protoc's output")
+        text = text.replace(old, new)
+    return text
 
 
 def _drifted(stubs: StubSet, directory: Path) -> list[str]:

@@ -16,7 +16,6 @@ import importlib.metadata
 import logging
 import signal
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -37,8 +36,8 @@ from server.protocols.kserve import KServe
 from server.protocols.pool import reflection_pool
 from server.protocols.tfserving import MODEL_SERVICE, PREDICTION_SERVICE, TFServing
 from server.servicer import SERVICE_NAME, DigitClassifier
-from server.settings import Settings
-from server.streams import StreamMethod
+from server.settings import Settings, read_token
+from server.streams import StreamCodec, StreamMethod
 from server.workers import REPORT_SECONDS, WorkerLink
 
 if TYPE_CHECKING:
@@ -53,7 +52,11 @@ log = logging.getLogger(__name__)
 QUIET_SECONDS = 0.3
 EXIT_BATCHER_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
 SERVICES = (SERVICE_NAME, KSERVE_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE)
-STREAM_PATHS = (f"{SERVICE_NAME}/PredictStream", f"{KSERVE_SERVICE}/ModelStreamInfer")
+# every stream method, by path, with its metrics label
+STREAMS = {
+    f"{SERVICE_NAME}/PredictStream": "PredictStream",
+    f"{KSERVE_SERVICE}/ModelStreamInfer": "kserve.ModelStreamInfer",
+}
 
 
 def _package_version() -> str:
@@ -61,15 +64,6 @@ def _package_version() -> str:
         return importlib.metadata.version("mnist-serving")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _read_token(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    token = path.read_text().strip()
-    if not token:
-        raise ValueError(f"{path}: token file is empty")
-    return token.encode()
 
 
 class ModelServer:
@@ -90,7 +84,7 @@ class ModelServer:
         if s.tracing == "otlp" or tracer_provider is not None:
             from server.tracing import Tracing, otlp_provider
 
-            self.tracing = Tracing(tracer_provider or otlp_provider(), STREAM_PATHS)
+            self.tracing = Tracing(tracer_provider or otlp_provider(), tuple(STREAMS))
         self.metrics = ServerMetrics()
         self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes)
         self.manager = ModelManager(
@@ -112,10 +106,12 @@ class ModelServer:
             # images come on their own schedule)
             arriving=lambda: (
                 self.calls.active
-                - self.calls.active_by_method["PredictStream"]
+                - sum(self.calls.active_by_method[label] for label in STREAMS.values())
                 - self.batcher.unresolved
             ),
         )
+        # a call that ends without reaching the batcher may be what a filling batch waits for
+        self.calls.on_finish = self.batcher.poke
         self.draining = False
         self.health = Health(
             list(SERVICES),
@@ -133,6 +129,7 @@ class ModelServer:
         self._metrics_http: MetricsServer | None = None
         self._follow: asyncio.Task[None] | None = None
         self._report: asyncio.Task[None] | None = None
+        self._health_update: asyncio.Task[bool] | None = None  # kept: tasks are weakly held
 
     def _serves_itself(self) -> bool:
         return self.manager.current is not None and self.batcher.alive and not self.draining
@@ -171,15 +168,14 @@ class ModelServer:
             }
             for service, (prefix, impls) in unary.items()
         }
-        for path, label, codec in (
-            (STREAM_PATHS[0], "PredictStream", mnist),
-            (STREAM_PATHS[1], "kserve.ModelStreamInfer", kserve),
-        ):
+        codecs: dict[str, StreamCodec] = {"PredictStream": mnist, "kserve.ModelStreamInfer": kserve}
+        for path, label in STREAMS.items():
+            codec = codecs[label]
             service, _, name = path.rpartition("/")
             services[service][name] = StreamMethod(
                 label, codec, self.batcher, self.calls, self.metrics, auth,
                 window=s.max_stream_images, precondition=mnist.check_ready, tracing=tracing,
-                path=f"/{path}",
+                path=f"/{path}", server_timing=timing,
             )  # fmt: skip
         return services
 
@@ -206,7 +202,7 @@ class ModelServer:
                 ("grpc.so_reuseport", 1 if self.worker is not None else 0),
             ],
         )
-        token = _read_token(s.auth_token_file)
+        token = read_token(s.auth_token_file)
         auth = rpc.Authenticator(b"Bearer " + token if token is not None else None)
         labels = []
         for service, methods in self._services(auth).items():
@@ -227,7 +223,7 @@ class ModelServer:
         Health turns SERVING once a version is loaded, warmed up and checked.
         """
         s = self.settings
-        metrics_token = _read_token(s.metrics_token_file)
+        metrics_token = read_token(s.metrics_token_file)
         self._grpc = self._build_grpc()
         creds = self._credentials()
         address = f"{s.host}:{s.port}"
@@ -291,7 +287,7 @@ class ModelServer:
     def _batcher_failed(self, err: BaseException) -> None:
         log.critical("the batcher failed; stopping with exit status %d", EXIT_BATCHER_FAILED)
         self.exit_code = EXIT_BATCHER_FAILED
-        asyncio.get_running_loop().create_task(self.health.update())
+        self._health_update = asyncio.get_running_loop().create_task(self.health.update())
         self.fatal.set()
 
     async def stop(self) -> None:
@@ -348,7 +344,9 @@ async def run(settings: Settings, worker: WorkerLink | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as err:  # unreadable TLS/token file, port taken
         log.error("cannot start: %s", err)
         return 2
-    fatal = loop.create_task(server.fatal.wait())
-    await asyncio.wait([loop.create_task(stop.wait()), fatal], return_when="FIRST_COMPLETED")
+    waits = [loop.create_task(stop.wait()), loop.create_task(server.fatal.wait())]
+    await asyncio.wait(waits, return_when="FIRST_COMPLETED")
+    for wait in waits:
+        wait.cancel()
     await server.stop()
     return server.exit_code

@@ -15,7 +15,8 @@ Contract
 * With ``batch_timeout_s > 0`` the thread may wait up to that long after the oldest queued
   request arrived for a batch to fill, but only while ``arriving()`` says more requests are
   on their way (calls the server has taken in that have not reached the batcher yet): a
-  request that is alone never waits. Without ``arriving``, it always waits.
+  request that is alone never waits. Without ``arriving``, it always waits. ``poke()`` tells
+  a waiting thread to look again when a call on its way ended without reaching it.
 * Requests that reach the batcher in the same turn of the event loop reach the thread
   together: the thread is woken once per turn, after every handler of that turn has run, so
   requests that arrive together are batched together (rather than the first one waking the
@@ -32,7 +33,8 @@ Contract
   :class:`~server.errors.ModelFailed` (or the model function's own
   :class:`~server.errors.ServiceError`, e.g. Unavailable when no model is loaded); the
   batcher keeps serving the next batch.
-* If the thread itself fails (a bug outside the model call), every queued request fails with
+* If the thread itself fails (a bug outside the model call), every queued request, and every
+  request of the batch it was working on that has no answer yet, fails with
   :class:`~server.errors.Unavailable`, new ones are refused the same way, and ``on_failure``
   is called on the event loop: the server turns NOT_SERVING and exits non-zero, so that a
   supervisor restarts it rather than leaving requests to queue with no consumer.
@@ -148,10 +150,11 @@ class DynamicBatcher:
         self._metrics = metrics if metrics is not None else ServerMetrics()
         self._on_failure = on_failure
         self._arriving = arriving
-        self.unresolved = 0  # requests submitted and not yet answered (event loop only)
+        self.unresolved = 0  # requests submitted and not yet answered (written on the event loop)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled when requests arrive or stop
         self._queue: collections.deque[Pending] = collections.deque()
+        self._in_hand: list[Pending] = []  # taken off the queue by the thread, not yet handed back
         self._queued_images = 0
         self._stopping = False
         self._failed: BaseException | None = None
@@ -230,6 +233,13 @@ class DynamicBatcher:
         if not request.future.done():
             request.future.cancel()
 
+    def poke(self) -> None:
+        """Something the fill wait depends on changed (a call on its way ended without
+        reaching the batcher): let a filling thread look again. Event loop only; cheap."""
+        if self._state == "filling" and not self._wake_scheduled and self._loop is not None:
+            self._wake_scheduled = True
+            self._loop.call_soon(self._wake)
+
     def _wake(self) -> None:
         # Once per loop turn. A filling thread is only woken when its batch is full or nothing
         # more is on its way: waking it for every arrival costs a thread switch each time.
@@ -262,7 +272,7 @@ class DynamicBatcher:
             log.critical("batcher thread failed; failing queued requests", exc_info=err)
             with self._lock:
                 self._failed = err
-                queued = list(self._queue)
+                queued = [*self._in_hand, *self._queue]  # in hand: its answer may never come
                 self._queue.clear()
                 for req in queued:
                     self._release(req)
@@ -283,12 +293,14 @@ class DynamicBatcher:
                 if self.batch_timeout_s > 0 and not self._stopping:
                     self._wait_to_fill()
                 batch, expired = self._take_batch(time.monotonic())
+                self._in_hand = [*expired, *(s.request for s in batch)]
             if expired:
                 self._metrics.expired_images.inc(sum(len(r.images) for r in expired))
                 error = DeadlineExceeded("deadline passed while queued; the model was not run")
                 self._post(self._fail_all, expired, error)
             if batch:
                 self._compute(batch)
+            self._in_hand = []  # every answer or error is posted by now
 
     def _wait_to_fill(self) -> None:
         fill_by = self._queue[0].enqueued + self.batch_timeout_s

@@ -32,6 +32,7 @@ class CallTracker:
         self.draining = False
         self._idle: asyncio.Event | None = None  # set when active drops to 0 while draining
         self._drain_listeners: set[Callable[[], None]] = set()  # streams that must stop reading
+        self.on_finish: Callable[[], None] | None = None  # called after every admitted call
 
     def admit(self, method: str) -> None:
         """Take a call in, or refuse it at once. Every admitted call must :meth:`finish`."""
@@ -66,6 +67,8 @@ class CallTracker:
             self.active_by_method[method] -= 1
             if self.active == 0 and self._idle is not None:
                 self._idle.set()
+            if self.on_finish is not None:
+                self.on_finish()
 
     def on_drain(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` when the drain begins (a stream stops reading then)."""

@@ -13,6 +13,7 @@ NOT_SERVING only once the process has failed and is about to exit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -51,6 +52,9 @@ class Health:
         self._published: bool | None = None
         self._ready_file: Path | None = None
         self._facts: Callable[[], dict[str, Any]] = dict
+        # one update at a time: servicer.set() can yield, and an update that started earlier
+        # must not publish its older answer after a later one
+        self._updating = asyncio.Lock()
 
     def add_condition(self, condition: Callable[[], bool]) -> None:
         """One more thing that must hold for the server to be SERVING."""
@@ -63,12 +67,23 @@ class Health:
 
     def write_final(self, **facts: Any) -> None:
         """After the drain: the ready file says the process stopped, with ``facts``."""
-        if self._ready_file is not None:
-            content = {"pid": os.getpid(), **self._facts(), "serving": False, "stopped": True}
-            write_ready_file(self._ready_file, {**content, **facts})
+        content = {"pid": os.getpid(), **self._facts(), "serving": False, "stopped": True}
+        self._write_ready_file({**content, **facts})
+
+    def _write_ready_file(self, content: dict[str, Any]) -> None:
+        if self._ready_file is None:
+            return
+        try:
+            write_ready_file(self._ready_file, content)
+        except OSError as err:  # a tool's file must not stop a drain or a swap
+            log.error("cannot write the ready file %s: %s", self._ready_file, err)
 
     async def update(self) -> bool:
         """Recompute the state from the conditions and publish it if it changed."""
+        async with self._updating:
+            return await self._update()
+
+    async def _update(self) -> bool:
         alive = self._alive()
         if alive != self._published_alive:
             self._published_alive = alive
@@ -82,8 +97,6 @@ class Health:
         status = SERVING if serving else NOT_SERVING
         for service in self._services:
             await self.servicer.set(service, status)
-        if self._ready_file is not None:
-            facts = {"pid": os.getpid(), **self._facts(), "serving": serving}
-            write_ready_file(self._ready_file, facts)
+        self._write_ready_file({"pid": os.getpid(), **self._facts(), "serving": serving})
         log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
         return serving

@@ -75,10 +75,55 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+# A call gRPC ends this close to its deadline was ended by the deadline: the client's timer
+# starts before the server's (the request takes time to arrive), so it fires a little earlier.
+DEADLINE_MARGIN_S = 0.05
+
+
 def ended_code(context: grpc.aio.ServicerContext) -> str:
     """How to count a call that gRPC ended before we answered it."""
     remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    if remaining is not None and remaining <= DEADLINE_MARGIN_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
+
+class Outcome:
+    """How a call ended, as the status code name its metrics record; ``async with`` it around
+    the handler's work, and an error leaving the block is sent to the caller as its status:
+    a :class:`ServiceError` as itself, anything unexpected as a generic INTERNAL (the detail
+    goes to the log, never to the caller)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        self.context = context
+        self.method = method
+        self.code = "OK"
+
+    async def __aenter__(self) -> Outcome:
+        return self
+
+    async def __aexit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
+        if err is None:
+            return False
+        if isinstance(err, ServiceError):
+            await self._abort(err.code, err.message)
+        elif isinstance(err, asyncio.CancelledError):
+            self.code = ended_code(self.context)
+        elif isinstance(err, Exception):
+            log.error("unexpected error in %s", self.method, exc_info=err)
+            await self._abort(grpc.StatusCode.INTERNAL, "internal server error")
+        return False
+
+    async def _abort(self, status: grpc.StatusCode, message: str) -> None:
+        self.code = status.name
+        try:
+            await self.context.abort(status, message)
+        except grpc.aio.InternalError:
+            # The status could not be sent: gRPC had already ended the call (the client went
+            # away, or the C core refused the message, e.g. one larger than
+            # --max-message-bytes, which the client sees as RESOURCE_EXHAUSTED).
+            self.code = ended_code(self.context)
+            raise asyncio.CancelledError from None
 
 
 class UnaryMethod:
@@ -105,55 +150,39 @@ class UnaryMethod:
     async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         calls = self.calls
-        code = "OK"
+        outcome = Outcome(context, self.name)
         call: Call | None = None
         admitted = False
         size = 0
         try:
-            calls.admit(self.name)
-            admitted = True
-            self.auth.check(context)
-            raw = await context.read()
-            if not isinstance(raw, bytes):  # the stream ended before one whole message
-                raise InvalidArgument("the call carried no complete request message")
-            calls.charge(len(raw))
-            size = len(raw)  # charged: given back in `finally`
-            call = Call(context)
-            response = await self.impl(raw, call)
-            answer = call.answer
-            if answer is not None and self.tracing is not None:
-                self.tracing.record(answer)
-            if answer is not None and self.server_timing:
-                timing = format_server_timing(
-                    answer.queue_s, answer.compute_s, time.perf_counter() - started,
-                    answer.batch_size, int(answer.versions[-1]) if len(answer.versions) else 0,
-                )  # fmt: skip
-                context.set_trailing_metadata(((TIMING_HEADER, timing),))
-            return response
-        except ServiceError as err:
-            code = err.code.name
-            try:
-                await context.abort(err.code, err.message)
-            except grpc.aio.InternalError:
-                # The status could not be sent: gRPC had already ended the call (the client
-                # went away, or the C core refused the message, e.g. one larger than
-                # --max-message-bytes, which the client sees as RESOURCE_EXHAUSTED).
-                code = ended_code(context)
-                raise asyncio.CancelledError from None
-        except asyncio.CancelledError:
-            code = ended_code(context)
-            raise
-        except Exception:
-            code = "INTERNAL"
-            log.exception("unexpected error in %s", self.name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+            async with outcome:
+                calls.admit(self.name)
+                admitted = True
+                self.auth.check(context)
+                raw = await context.read()
+                if not isinstance(raw, bytes):  # the stream ended before one whole message
+                    raise InvalidArgument("the call carried no complete request message")
+                calls.charge(len(raw))
+                size = len(raw)  # charged: given back in `finally`
+                call = Call(context)
+                response = await self.impl(raw, call)
+                answer = call.answer
+                if answer is not None and self.tracing is not None:
+                    self.tracing.record(answer)
+                if answer is not None and self.server_timing:
+                    timing = format_server_timing(
+                        answer.queue_s, answer.compute_s, time.perf_counter() - started,
+                        answer.batch_size, int(answer.versions[-1]) if len(answer.versions) else 0,
+                    )  # fmt: skip
+                    context.set_trailing_metadata(((TIMING_HEADER, timing),))
+                return response
         finally:
             if size:
                 calls.release(size)
-            calls.finish(self.name, code, admitted)
+            calls.finish(self.name, outcome.code, admitted)
             images = call.images if call is not None else 0
-            self.metrics.observe_rpc(self.name, code, images, time.perf_counter() - started)
-        raise AssertionError("unreachable: context.abort raises")
+            self.metrics.observe_rpc(self.name, outcome.code, images, time.perf_counter() - started)
+        raise AssertionError("unreachable: an error leaves through context.abort")
 
     def rpc_handler(self) -> grpc.RpcMethodHandler:
         """The handler to register (stream-unary: see the module docstring)."""

@@ -54,7 +54,7 @@ class DigitClassifier:
             raise Unavailable("no model version is loaded yet")
 
     async def predict(self, raw: bytes, call: Call) -> bytes:
-        call.images = 1
+        call.images = 1  # a Predict carries one image, even one that turns out to be wrong
         images = wire.parse_predict(raw)
         self.check_ready()
         answer = call.answer = await self._batcher.submit(images, call.deadline)
@@ -76,20 +76,22 @@ class DigitClassifier:
         except wire.StreamImageError as err:
             raise ItemError(err.request_id, err) from None
 
-    def answer(self, key: Any, answer: Answer, total_s: float) -> bytes:
+    def answer(self, key: Any, answer: Answer, total_s: float | None) -> bytes:
+        timing = None
+        if total_s is not None:
+            timing = (answer.queue_s, answer.compute_s, total_s, answer.batch_size)
         return wire.encode_stream_prediction(
-            key, answer.probabilities[0], int(answer.versions[0]),
-            (answer.queue_s, answer.compute_s, total_s, answer.batch_size),
-        )  # fmt: skip
+            key, answer.probabilities[0], int(answer.versions[0]), timing
+        )
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
         return wire.encode_stream_error(key, error.code.value[0], error.message)
 
     async def get_model_info(self, raw: bytes, call: Call) -> bytes:
         wire.parse_empty(raw)
+        self.check_ready()
         model = self._manager.current
-        if model is None:
-            raise Unavailable("no model version is loaded yet")
+        assert model is not None  # checked; versions are only ever swapped, never unloaded
         s = self._settings
         failure = self._manager.last_failure
         return pb.GetModelInfoResponse(

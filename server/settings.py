@@ -72,7 +72,7 @@ class Settings:
             problems.append("--max-images-per-request must be >= 1")
         if self.max_queue_images < self.max_images_per_request:
             problems.append("--max-queue-images must be >= --max-images-per-request")
-        if self.max_message_bytes < self.max_images_per_request * 790:
+        if self.max_message_bytes < self.max_images_per_request * 790:  # 787 B an image, framing
             problems.append("--max-message-bytes is too small for --max-images-per-request")
         if self.server_timing not in ("on", "off"):
             problems.append("--server-timing must be on or off")
@@ -94,7 +94,8 @@ class Settings:
             raise ValueError("; ".join(problems))
 
 
-_HELP = {
+# What each setting means: the --help text, and the README's table (a test keeps them equal).
+HELP = {
     "model_dir": "folder of integer model versions (MODEL_DIR/1, MODEL_DIR/2, ...)",
     "workers": "server processes sharing the gRPC port, each with its own batcher and model "
     "(auto = one per core); metrics of all of them on the one metrics port",
@@ -127,8 +128,9 @@ _HELP = {
     "compute and total ms, batch size, version); off: none",
     "tracing": "otlp: OpenTelemetry spans per call (with queue and compute children) to the OTLP "
     "exporter set by OTEL_EXPORTER_OTLP_* (needs the tracing extra); off: none",
-    "max_stream_images": "most images in flight per PredictStream (read, not yet answered); at "
-    "this the server stops reading the stream until answers go out",
+    "max_stream_images": "most images in flight per stream (PredictStream, KServe "
+    "ModelStreamInfer: read, not yet answered); at this the server stops reading the stream "
+    "until answers go out",
     "poll_seconds": "how often the model folder is checked for new versions",
     "grace_seconds": "on SIGTERM, time allowed to finish accepted requests",
     "pre_stop_seconds": "on SIGTERM, time to keep serving after health turns NOT_SERVING",
@@ -192,9 +194,24 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             type=convert,
             default=default,
             required=required,
-            help=f"{_HELP[f.name]} [env {env}]",
+            help=f"{HELP[f.name]} [env {env}]",
         )
     return parser
+
+
+def read_token(path: Path | None) -> bytes | None:
+    """The bearer token in the file ``path`` names (None: no token is required).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file is empty (an empty token would let anyone in).
+    """
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: token file is empty")
+    return token.encode()
 
 
 def parse_settings(

@@ -9,11 +9,13 @@ Contract of one stream:
 
 * Each image read goes to the shared batcher at once; answers are written as soon as their
   batch is computed, so possibly out of order.
-* At most ``window`` images are in flight (read, not yet answered). At the window the reader
-  stops reading, so HTTP/2 flow control slows the sender: a fast sender cannot grow the
-  server's memory.
-* An image that is wrong, or that the batcher refuses (queue full), or whose batch failed,
-  gets its own error answer; the stream goes on.
+* At most ``window`` images are in flight (read, not yet answered; a message with several
+  images may overshoot it once). At the window the reader stops reading, so HTTP/2 flow
+  control slows the sender: a fast sender cannot grow the server's memory. The bytes of the
+  messages in flight count against the server's byte budget (``CallTracker.charge``), as
+  unary calls' bodies do.
+* A message that is wrong, that the server refuses (byte budget spent, queue full), or whose
+  batch failed, gets its own error answer; the stream goes on.
 * A malformed message ends the stream with INVALID_ARGUMENT, and the server draining ends it
   with UNAVAILABLE; either way only after every image already read has been answered.
 * A cancelled or broken stream gives back everything it holds (queue places, bytes, its
@@ -37,7 +39,7 @@ from server.batcher import Answer, DynamicBatcher, Pending
 from server.calls import CallTracker
 from server.errors import Internal, ServiceError, Unavailable
 from server.metrics import ServerMetrics
-from server.rpc import Authenticator, deadline_of, ended_code
+from server.rpc import Authenticator, Outcome, deadline_of
 
 if TYPE_CHECKING:
     from server.tracing import Tracing
@@ -66,9 +68,10 @@ class StreamCodec(Protocol):
         """
         ...
 
-    def answer(self, key: Any, answer: Answer, total_s: float) -> bytes:
+    def answer(self, key: Any, answer: Answer, total_s: float | None) -> bytes:
         """The answer to the message ``key``: the batcher's ``answer`` for its images, and
-        ``total_s`` seconds from reading the message to now (for its server timing)."""
+        ``total_s`` seconds from reading the message to now for its server timing (None:
+        the server gives no timing)."""
         ...
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
@@ -91,6 +94,7 @@ class StreamMethod:
         precondition: Callable[[], None] = lambda: None,
         tracing: Tracing | None = None,
         path: str = "",
+        server_timing: bool = True,
     ) -> None:
         self.name = name
         self.codec = codec
@@ -102,39 +106,28 @@ class StreamMethod:
         self.precondition = precondition  # raises a ServiceError to refuse a new stream
         self.tracing = tracing
         self.path = path  # "/service/Method", for its span
+        self.server_timing = server_timing  # answers carry where their time went
         self.ok_images = metrics.images.labels(name, "OK")
 
     async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        """Serve one stream: admit, authenticate, check the server is ready, run, record."""
         started = time.perf_counter()
-        code = "OK"
+        outcome = Outcome(context, self.name)
         admitted = False
         try:
-            self.calls.admit(self.name)
-            admitted = True
-            self.auth.check(context)
-            self.precondition()
-            if self.tracing is None:
-                await _Stream(self, context).run()
-            else:
-                with self.tracing.stream_span(self.path, context.invocation_metadata()):
+            async with outcome:
+                self.calls.admit(self.name)
+                admitted = True
+                self.auth.check(context)
+                self.precondition()
+                if self.tracing is None:
                     await _Stream(self, context).run()
-        except ServiceError as err:
-            code = err.code.name
-            try:
-                await context.abort(err.code, err.message)
-            except grpc.aio.InternalError:  # gRPC ended the call already
-                code = ended_code(context)
-                raise asyncio.CancelledError from None
-        except asyncio.CancelledError:
-            code = ended_code(context)
-            raise
-        except Exception:
-            code = "INTERNAL"
-            log.exception("unexpected error in %s", self.name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+                else:
+                    with self.tracing.stream_span(self.path, context.invocation_metadata()):
+                        await _Stream(self, context).run()
         finally:
-            self.calls.finish(self.name, code, admitted)
-            self.metrics.observe_rpc(self.name, code, 0, time.perf_counter() - started)
+            self.calls.finish(self.name, outcome.code, admitted)
+            self.metrics.observe_rpc(self.name, outcome.code, 0, time.perf_counter() - started)
 
     def rpc_handler(self) -> grpc.RpcMethodHandler:
         """The handler to register: bidirectional, raw bytes both ways."""
@@ -148,9 +141,12 @@ class _Stream:
         self.m = method
         self.context = context
         self.deadline = deadline_of(context)
-        self.in_flight = 0  # images read and not yet answered
+        # images read and not yet answered (a message that could not be read counts as one)
+        self.in_flight = 0
+        self.held_bytes = 0  # request bytes of those, charged to the server's byte budget
         self.pending: set[Pending] = set()
-        self.outbox: collections.deque[bytes] = collections.deque()
+        # answers to write, each with the images and bytes it settles
+        self.outbox: collections.deque[tuple[bytes, int, int]] = collections.deque()
         self.ready = asyncio.Event()  # an answer is in the outbox, or the reader ended
         self.room = asyncio.Event()  # in_flight dropped below the window
         self.draining = False
@@ -173,6 +169,7 @@ class _Stream:
                 reader.cancel()
             for pending in self.pending:
                 self.m.batcher.abandon(pending)
+            self.m.calls.release(self.held_bytes)  # what was never answered
 
     def _drain(self) -> None:
         """Stop reading (the server is going away); what was read is still answered."""
@@ -184,10 +181,14 @@ class _Stream:
 
     async def _write_until_done(self, reader: asyncio.Task[None]) -> None:
         write = self.context.write
+        calls = self.m.calls
         while True:
             while self.outbox:
-                await write(self.outbox.popleft())
-                self.in_flight -= 1
+                answer, images, size = self.outbox.popleft()
+                await write(answer)
+                self.in_flight -= images
+                self.held_bytes -= size
+                calls.release(size)
                 if self.in_flight < self.m.window:
                     self.room.set()
             if (reader.done() or self.draining) and self.in_flight == 0:
@@ -216,53 +217,72 @@ class _Stream:
                 self.reading = False
             if not isinstance(raw, bytes):
                 return  # the caller closed its side
-            self.in_flight += 1  # read, so it will be answered, drain or not
             read_at = time.perf_counter()
             try:
                 key, images = codec.read(raw)
-            except ItemError as err:
-                self._post(codec.fail(err.key, err), err.code.name)
+            except ItemError as err:  # read, so it is answered, drain or not
+                self.in_flight += 1
+                self._post(codec.fail(err.key, err), 1, 0, err.code.name)
                 continue
-            except ServiceError:  # a malformed message: the stream ends once answers are out
-                self.in_flight -= 1
-                raise
+            # a malformed message (another ServiceError) ends the stream once answers are out
+            n = len(images)
+            self.in_flight += n
+            try:
+                m.calls.charge(len(raw))
+            except ServiceError as err:  # the server's byte budget is spent: this one's error
+                self._post(codec.fail(key, err), n, 0, err.code.name)
+                continue
+            self.held_bytes += len(raw)
             try:
                 pending = m.batcher.enqueue(images, self.deadline)
             except Unavailable:  # the batcher is shutting down: end like a drain
-                self.in_flight -= 1
+                self.in_flight -= n
+                self.held_bytes -= len(raw)
+                m.calls.release(len(raw))
                 self.draining = True
                 return
-            except ServiceError as err:  # e.g. the queue is full: this image's own error
-                self._post(codec.fail(key, err), err.code.name)
+            except ServiceError as err:  # e.g. the queue is full: this message's own error
+                self._post(codec.fail(key, err), n, len(raw), err.code.name)
                 continue
             self.pending.add(pending)
-            pending.future.add_done_callback(self._answered(key, pending, read_at))
+            pending.future.add_done_callback(self._answered(key, pending, read_at, len(raw)))
 
     def _answered(
-        self, key: Any, pending: Pending, read_at: float
+        self, key: Any, pending: Pending, read_at: float, size: int
     ) -> Callable[[asyncio.Future[Any]], None]:
         def done(future: asyncio.Future[Any]) -> None:
             self.pending.discard(pending)
             if future.cancelled():
                 return
-            error = future.exception()
-            if error is None:
-                answer = pending.answer()
-                self.m.ok_images.inc(len(answer.probabilities))
-                if self.m.tracing is not None:
-                    self.m.tracing.record(answer)
-                total_s = time.perf_counter() - read_at
-                self._post(self.m.codec.answer(key, answer, total_s), None)
-            elif isinstance(error, ServiceError):
-                self._post(self.m.codec.fail(key, error), error.code.name)
-            else:  # a bug: answered, logged, the stream goes on
-                log.error("stream image failed", exc_info=error)
-                self._post(self.m.codec.fail(key, Internal("internal server error")), "INTERNAL")
+            n = len(pending.images)
+            try:
+                self._post(self._answer(key, pending, future, read_at), n, size, None)
+            except ServiceError as err:
+                self._post(self.m.codec.fail(key, err), n, size, err.code.name)
+            except Exception as err:  # a bug: answered, logged, the stream goes on
+                log.error("stream image failed", exc_info=err)
+                failure = Internal("internal server error")
+                self._post(self.m.codec.fail(key, failure), n, size, "INTERNAL")
 
         return done
 
-    def _post(self, answer: bytes, error_code: str | None) -> None:
+    def _answer(
+        self, key: Any, pending: Pending, future: asyncio.Future[Any], read_at: float
+    ) -> bytes:
+        """The answer to write for a finished image (its error is raised)."""
+        error = future.exception()
+        if error is not None:
+            raise error
+        answer = pending.answer()
+        self.m.ok_images.inc(len(answer.probabilities))
+        if self.m.tracing is not None:
+            self.m.tracing.record(answer)
+        total_s = time.perf_counter() - read_at if self.m.server_timing else None
+        return self.m.codec.answer(key, answer, total_s)
+
+    def _post(self, answer: bytes, images: int, size: int, error_code: str | None) -> None:
+        """Queue an answer that settles ``images`` in flight and ``size`` bytes held."""
         if error_code is not None:
-            self.m.metrics.images.labels(self.m.name, error_code).inc()
-        self.outbox.append(answer)
+            self.m.metrics.images.labels(self.m.name, error_code).inc(images)
+        self.outbox.append((answer, images, size))
         self.ready.set()

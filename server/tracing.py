@@ -22,8 +22,6 @@ from typing import Any
 from server.batcher import Answer
 
 TRACER_NAME = "mnist-serving"
-# time.monotonic() seconds (the batcher's clock) to epoch nanoseconds (spans')
-_EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
 
 def otlp_provider() -> Any:
@@ -75,7 +73,10 @@ class Tracing:
 
     def record(self, answer: Answer) -> None:
         """Child spans of the current span: this answer's queue wait and model call."""
-        start_ns = int(answer.dispatched_at * 1e9) + _EPOCH_OFFSET_NS
+        # time.monotonic() seconds (the batcher's clock) to epoch nanoseconds (spans'), taken
+        # now: the wall clock may have been stepped since the process started
+        epoch_offset_ns = time.time_ns() - time.monotonic_ns()
+        start_ns = int(answer.dispatched_at * 1e9) + epoch_offset_ns
         queued_ns = start_ns - int(answer.queue_s * 1e9)
         computed_ns = start_ns + int(answer.compute_s * 1e9)
         attributes = {"mnist.batch_size": answer.batch_size}

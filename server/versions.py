@@ -19,9 +19,15 @@ from typing import Any
 import numpy as np
 
 from mnist_client.contract import METADATA_FILE, MODEL_FILES, ContractError, check_metadata
-from server.runtimes import Runtime, RuntimeUnusable, load_runtime
+from server.runtimes import RUNTIMES, Runtime, RuntimeUnusable, load_runtime
 from server.runtimes import litert as litert_runtime
-from server.verify import CheckFailed, Probes, check_outputs, check_same_answers
+from server.verify import (
+    DEFAULT_WARMUP_SIZES,
+    CheckFailed,
+    Probes,
+    check_outputs,
+    check_same_answers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,11 @@ def list_versions(model_dir: Path) -> list[int]:
         return []
     versions = []
     for child in model_dir.iterdir():
-        if child.name.isdigit() and any((child / f).is_file() for f in MODEL_FILES):
+        if (
+            child.name.isascii()
+            and child.name.isdigit()
+            and any((child / f).is_file() for f in MODEL_FILES)
+        ):
             versions.append(int(child.name))
     return sorted(versions)
 
@@ -105,6 +115,8 @@ def load_version(
             model file does not match the checksum its metadata records, no runtime can
             load it, or it fails a check in :mod:`server.verify`.
     """
+    if runtime not in RUNTIMES:  # a wrong setting, not a wrong version
+        raise ValueError(f"runtime {runtime!r} is not one of {RUNTIMES}")
     path = model_dir / str(version)
     started = time.perf_counter()
     try:
@@ -119,6 +131,11 @@ def load_version(
         check_outputs(loaded.predict, probes, float(metadata.get("golden_min_accuracy", 0.9)))
     except (RuntimeUnusable, CheckFailed, ModelLoadError) as err:
         raise ModelLoadError(f"version {version}: {err}") from err
+    except Exception as err:  # a corrupt file can make a runtime raise anything
+        log.exception("loading version %d failed", version)
+        raise ModelLoadError(
+            f"version {version}: unexpected {type(err).__name__} while loading (see the log)"
+        ) from err
     model = LoadedModel(version, path, loaded, metadata, time.perf_counter() - started)
     log.info(
         "loaded model version %d (%s) on %s with %s (%s) in %.2fs",
@@ -131,7 +148,7 @@ def load_version(
 def _warmup_sizes(runtime: Runtime) -> list[int]:
     sizes: list[int] = list(getattr(runtime, "bucket_sizes", []))
     # an odd size exercises padding; one past the largest bucket, splitting
-    extra = [7, sizes[-1] + 1] if sizes else [1, 2, 7, 32]
+    extra = [7, sizes[-1] + 1] if sizes else list(DEFAULT_WARMUP_SIZES)
     return sorted({*sizes, *extra})
 
 

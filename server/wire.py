@@ -50,6 +50,9 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+_UINT64 = (1 << 64) - 1
+
+
 def read_varint(data: bytes, pos: int, message: str) -> tuple[int, int]:
     """The varint at ``data[pos:]`` and the position after it; a bad one is INVALID_ARGUMENT."""
     result = shift = 0
@@ -59,7 +62,7 @@ def read_varint(data: bytes, pos: int, message: str) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return result, pos
+            return result & _UINT64, pos  # bits past 64 are dropped, as protobuf does
         shift += 7
     raise InvalidArgument(f"request is not a valid mnist.v1.{message} message")
 

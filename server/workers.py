@@ -30,15 +30,18 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from server.ready_file import write_ready_file
-from server.settings import Settings
+from server.settings import Settings, read_token
 
 log = logging.getLogger(__name__)
 
-RESTART_PAUSE_SECONDS = 1.0  # between a worker's death and its restart
+RESTART_PAUSE_SECONDS = 1.0  # between a worker's death and its restart; doubles while it
+MAX_RESTART_PAUSE_SECONDS = 30.0  # keeps dying before it serves, up to this
+EXIT_CANNOT_START = 2  # a worker's status when its settings cannot work (no use restarting)
 REPORT_SECONDS = 0.25  # how often a worker reports its state and reads its peers'
 
 
@@ -59,10 +62,15 @@ class WorkerLink:
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound (not listening) with SO_REUSEPORT: it fixes the port number that the
     workers bind again, for the supervisor's whole life (a restarted worker gets the same)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = host.strip("[]")  # gRPC's "[::]" is the socket module's "::"
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -90,10 +98,14 @@ class Supervisor:
         self._slots = self._context.Array("b", self.n, lock=False)
         self._procs: list[Any] = [None] * self.n
         self._stopping = threading.Event()
-        self.restarts = 0
+        self._pause = [RESTART_PAUSE_SECONDS] * self.n  # before the next restart of each
+        self._restart_at: list[float | None] = [None] * self.n  # when a dead one starts again
+        self._served = [False] * self.n  # whether each has served since it started
 
     def _spawn(self, index: int, worker_settings: Settings) -> None:
         self._slots[index] = 0
+        self._served[index] = False
+        self._restart_at[index] = None
         proc = self._context.Process(
             target=_worker_main,
             args=(worker_settings, index, self._slots, self.settings.log_level.upper()),
@@ -105,24 +117,35 @@ class Supervisor:
         log.info("worker %d started (pid %d)", index, proc.pid)
 
     def serve(self) -> int:
-        """Run until SIGTERM/SIGINT; returns the exit status."""
+        """Run until SIGTERM/SIGINT; returns the exit status (2: could not start)."""
         s = self.settings
         metrics_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
-        # before prometheus_client is imported anywhere: values go to files the port sums
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        reserved = _reserve_port(s.host, s.port)
-        port = reserved.getsockname()[1]
-        worker_settings = dataclasses.replace(s, port=port, workers=1, ready_file=None)
+        reserved: socket.socket | None = None
+        endpoints: _Endpoints | None = None
+        try:
+            # before prometheus_client is imported anywhere: values go to files the port sums
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+            reserved = _reserve_port(s.host, s.port)
+            port = reserved.getsockname()[1]
+            worker_settings = dataclasses.replace(s, port=port, workers=1, ready_file=None)
+            endpoints = _Endpoints(s, metrics_dir, port, self._all_serving)
+        except (OSError, ValueError) as err:  # port taken, unreadable TLS or token file
+            log.error("cannot start: %s", err)
+            if reserved is not None:
+                reserved.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            return EXIT_CANNOT_START
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
-        endpoints = _Endpoints(s, metrics_dir, port, self._all_serving)
         try:
             for index in range(self.n):
                 self._spawn(index, worker_settings)
             endpoints.start(self._pids)
             log.info("supervising %d workers on %s:%d", self.n, s.host, port)
             while not self._stopping.wait(0.2):
-                self._restart_dead(worker_settings, endpoints)
+                if not self._restart_dead(worker_settings, endpoints):
+                    self._stop_workers(endpoints)
+                    return EXIT_CANNOT_START
                 endpoints.update(self._pids())
             return self._stop_workers(endpoints)
         finally:
@@ -136,17 +159,35 @@ class Supervisor:
     def _all_serving(self) -> bool:
         return all(self._slots[:])
 
-    def _restart_dead(self, worker_settings: Settings, endpoints: _Endpoints) -> None:
+    def _restart_dead(self, worker_settings: Settings, endpoints: _Endpoints) -> bool:
+        """Restart workers that died (after a pause that grows while one keeps dying before
+        it serves). False when one cannot start at all: its settings will not work."""
+        now = time.monotonic()
         for index, proc in enumerate(self._procs):
-            if proc is None or proc.is_alive():
+            if proc is None:
                 continue
-            log.error("worker %d (pid %d) died with exit status %s; restarting it",
-                      index, proc.pid, proc.exitcode)  # fmt: skip
-            endpoints.worker_died(proc.pid)
-            self._slots[index] = 0
-            self.restarts += 1
-            time.sleep(RESTART_PAUSE_SECONDS)
-            self._spawn(index, worker_settings)
+            if proc.is_alive():
+                if self._slots[index] and not self._served[index]:
+                    self._served[index] = True
+                    self._pause[index] = RESTART_PAUSE_SECONDS
+                continue
+            restart_at = self._restart_at[index]
+            if restart_at is None:  # just found dead
+                if proc.exitcode == EXIT_CANNOT_START:
+                    log.error("worker %d cannot start (exit status %d); stopping",
+                              index, EXIT_CANNOT_START)  # fmt: skip
+                    return False
+                pause = self._pause[index]
+                log.error("worker %d (pid %d) died with exit status %s; restarting it in %.0fs",
+                          index, proc.pid, proc.exitcode, pause)  # fmt: skip
+                endpoints.worker_died(proc.pid)
+                self._slots[index] = 0
+                self._restart_at[index] = now + pause
+                if not self._served[index]:
+                    self._pause[index] = min(pause * 2, MAX_RESTART_PAUSE_SECONDS)
+            elif now >= restart_at:
+                self._spawn(index, worker_settings)
+        return True
 
     def _stop_workers(self, endpoints: _Endpoints) -> int:
         log.info("stopping %d workers", self.n)
@@ -172,7 +213,11 @@ class _Endpoints:
     """The supervisor's face: the metrics port (summed over workers) and the ready file."""
 
     def __init__(
-        self, settings: Settings, metrics_dir: Path, grpc_port: int, all_serving: Any
+        self,
+        settings: Settings,
+        metrics_dir: Path,
+        grpc_port: int,
+        all_serving: Callable[[], bool],
     ) -> None:
         # imported here: PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client loads
         from prometheus_client import CollectorRegistry
@@ -183,7 +228,7 @@ class _Endpoints:
         s = settings
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(metrics_dir))
-        token = s.metrics_token_file.read_text().strip().encode() if s.metrics_token_file else None
+        token = read_token(s.metrics_token_file)
         self._http = MetricsServer(
             s.metrics_host, s.metrics_port, registry, ready=all_serving, token=token,
             tls_cert=s.metrics_tls_cert, tls_key=s.metrics_tls_key,
@@ -194,7 +239,7 @@ class _Endpoints:
         self._all_serving = all_serving
         self._written: tuple[bool, list[int]] | None = None
 
-    def start(self, pids: Any) -> None:
+    def start(self, pids: Callable[[], list[int]]) -> None:
         self._http.start()
         self.update(pids())
 

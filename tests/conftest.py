@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from mnist_client import AsyncDigitClient
+from server.ready_file import read_ready_file
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -121,7 +121,7 @@ class ServerProcess:
 
     def ready(self) -> dict[str, object]:
         """What the server last wrote to its ready file."""
-        return read_ready(self.ready_path) or {}
+        return read_ready_file(self.ready_path) or {}
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -129,13 +129,14 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout)
 
 
-def read_ready(path: Path) -> dict[str, object] | None:
-    """A ready file's JSON, or None before the server wrote one."""
-    try:
-        data: dict[str, object] = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return data
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def start_server(
@@ -162,7 +163,7 @@ def start_server(
     )  # fmt: skip
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready = read_ready(ready_path)
+        ready = read_ready_file(ready_path)
         if ready is not None and (ready["serving"] or not serving):
             return ServerProcess(
                 proc, f"127.0.0.1:{ready['grpc_port']}",
@@ -189,9 +190,15 @@ class Traffic:
     """Steady Predict traffic from a background thread; records every outcome."""
 
     def __init__(
-        self, target: str, images: np.ndarray, concurrency: int = 4, **client: Any
+        self,
+        target: str,
+        images: np.ndarray,
+        concurrency: int = 4,
+        keep_calling: bool = False,
+        **client: Any,
     ) -> None:
         self.target, self.images, self.concurrency = target, images, concurrency
+        self.keep_calling = keep_calling  # on after UNAVAILABLE, as a client without an LB
         self.client = client  # more arguments for the SDK client
         self.versions: list[int] = []
         self.codes: Counter[str] = Counter()
@@ -211,7 +218,7 @@ class Traffic:
             except grpc.aio.AioRpcError as err:
                 self.codes[err.code().name] += 1
                 self.details[f"{err.code().name}: {err.details()}"] += 1
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                if err.code() == grpc.StatusCode.UNAVAILABLE and not self.keep_calling:
                     return  # the server is gone or going: stop like a client behind an LB
             i += self.concurrency
 

@@ -273,3 +273,46 @@ async def test_metrics_record_batch_sizes_and_queue_depth() -> None:
     assert reg.get_sample_value("mnist_batch_size_images_sum") == 7
     assert reg.get_sample_value("mnist_queue_images") == 0
     await batcher.stop()
+
+
+async def test_a_filling_thread_is_poked_when_the_call_on_its_way_ends_elsewhere() -> None:
+    model = GatedModel(gated=False)
+    on_the_way = [1]  # one more call was taken in; it will never reach the batcher
+    batcher = DynamicBatcher(
+        model, max_batch_size=8, max_queue_images=64, batch_timeout_s=30.0,
+        metrics=ServerMetrics(), arriving=lambda: on_the_way[0],
+    )  # fmt: skip
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(images(5)))
+    await asyncio.sleep(0.05)
+    assert model.calls == []  # waiting for the call on its way
+    on_the_way[0] = 0  # it failed (say, a bad body) without reaching the batcher
+    batcher.poke()
+    assert digits(await asyncio.wait_for(first, 5.0)) == [5]  # not the 30 s fill timeout
+    await batcher.stop()
+
+
+async def test_a_failing_thread_fails_the_batch_in_hand_too() -> None:
+    model = GatedModel(gated=False)
+    metrics = ServerMetrics()
+
+    class BrokenHistogram:
+        def observe(self, value: float) -> None:
+            raise RuntimeError("a bug after the model call")
+
+    metrics.batch_size = BrokenHistogram()  # type: ignore[assignment]
+    failures: list[BaseException] = []
+    batcher = DynamicBatcher(
+        model, max_batch_size=4, max_queue_images=64, metrics=metrics,
+        on_failure=failures.append,
+    )  # fmt: skip
+    batcher.start()
+    with pytest.raises(Unavailable):  # computed, but never handed back: not left hanging
+        await asyncio.wait_for(batcher.submit(images(1)), 5.0)
+    for _ in range(500):  # the thread posts on_failure right after the failed answers
+        if failures:
+            break
+        await asyncio.sleep(0.01)
+    assert model.calls == [1] and len(failures) == 1 and not batcher.alive
+    with pytest.raises(Unavailable):
+        await batcher.submit(images(2))

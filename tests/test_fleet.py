@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, Traffic, start_server
+from tests.conftest import ROOT, ServerProcess, Traffic, start_server, wait_for
 
 IN_CI = os.environ.get("CI") == "true"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -134,10 +134,18 @@ def test_sdk_round_robin_spreads_calls_and_survives_a_replica_going_away(
     fleet: Fleet, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in fleet.grpc_ports)
-    with Traffic(target, mnist_test[0][:200], concurrency=8, load_balancing="round_robin") as t:
+    # reconnect to a restarted replica within a second, not gRPC's default 1 s, 1.6 s, ...
+    fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 100),
+                      ("grpc.max_reconnect_backoff_ms", 500)]  # fmt: skip
+    with Traffic(target, mnist_test[0][:200], concurrency=8, load_balancing="round_robin",
+                 options=fast_reconnect) as t:  # fmt: skip
         time.sleep(2)
         fleet.restart(1)  # drains and comes back: the channel skips it meanwhile
-        time.sleep(1)
+
+        def answered_by_restarted() -> float:
+            return fleet.replicas[1].metric("mnist_requests_total", method="Predict", code="OK")
+
+        assert wait_for(lambda: answered_by_restarted() >= 100), "the restarted one got no calls"
         fleet.stop(2)  # and one that goes away for good
         time.sleep(2)
     fleet.stop_all()

@@ -117,8 +117,10 @@ async def test_a_request_whose_deadline_passes_while_queued_never_reaches_the_mo
         gate.close()
         blocker = asyncio.ensure_future(client.predict(x[0]))
         await gate.wait_entered()
+        doomed = asyncio.ensure_future(client.batch_predict(x[1:8], timeout=2.0))
+        await _until(lambda: server.batcher.queued_images == 7)  # queued before it expired
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await client.batch_predict(x[1:8], timeout=0.3)
+            await doomed
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await _until(lambda: server.batcher.queued_images == 0)  # the server let it go
         gate.open.set()
@@ -339,9 +341,12 @@ async def test_a_stream_stops_reading_at_its_window_and_gives_back_everything_on
             await asyncio.sleep(0.5)
             assert in_flight() == 8  # the window holds: nothing more was read
             assert server.calls.active == 1
+            first_eight = sum(len(_stream_message(i, x[i].tobytes())) for i in range(8))
+            assert server.calls.bytes == first_eight  # the bytes in flight are charged
             call.cancel()
             await _until(lambda: server.calls.active == 0)
             assert server.batcher.queued_images == 0  # the cancelled stream let its places go
+            assert server.calls.bytes == 0  # and its bytes
             gate.open.set()
         reg = server.metrics.registry
         assert reg.get_sample_value("mnist_queue_images") == 0

@@ -218,7 +218,17 @@ def test_tf_serving_errors(tfs_channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.Predict(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    request.model_spec.version.value = 0  # a version like any other, not "the latest"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     request.model_spec.ClearField("version")
+    request.model_spec.version_label = "stable"  # no labels are assigned
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "Unrecognized servable version label: stable" in info.value.details()  # type: ignore[attr-defined]
+    request.model_spec.ClearField("version_label")
     request.inputs["pixels"].CopyFrom(request.inputs["images"])
     with pytest.raises(grpc.RpcError) as info:
         stub.Predict(request, timeout=10)

@@ -107,6 +107,28 @@ def test_a_model_file_that_is_not_the_exported_one_is_refused(
         load_version(tmp_path, 1, "litert")
 
 
+def test_a_corrupt_model_file_is_a_failed_version_and_an_older_one_serves(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    from server.manager import ModelManager
+    from server.metrics import ServerMetrics
+
+    _copy_version(trained_model_dir / "1", tmp_path, 1)
+    broken = _copy_version(trained_model_dir / "1", tmp_path, 2)
+    (broken / "model.tflite").write_bytes(b"not a flatbuffer" * 64)
+    meta = json.loads((broken / "metadata.json").read_text())
+    del meta["exports"]  # no checksum to catch it first: the runtime itself must fail
+    (broken / "metadata.json").write_text(json.dumps(meta))
+    metrics = ServerMetrics()
+    manager = ModelManager(tmp_path, metrics, runtime="litert")
+    assert manager.refresh() is True  # version 2 failed, version 1 serves
+    assert manager.current is not None and manager.current.version == 1
+    failure = manager.last_failure
+    assert failure is not None and failure.version == 2
+    assert "unexpected" in failure.reason and str(tmp_path) not in failure.reason
+    assert metrics.model_loads.labels("failed")._value.get() == 1
+
+
 def test_metadata_of_another_contract_is_refused(trained_model_dir: Path, tmp_path: Path) -> None:
     version = _copy_version(trained_model_dir / "1", tmp_path)
     meta = json.loads((version / "metadata.json").read_text())

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -198,6 +199,48 @@ def test_async_client_has_the_same_methods(
 
     digit, first, health, version = asyncio.run(go())
     assert digit == first and health == "SERVING" and version == 1
+
+
+def test_a_bad_input_ends_a_stream_after_the_answers_sync_and_async(
+    server: ServerProcess, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    from mnist_client import ImageError
+
+    x, _ = mnist_test
+
+    def images() -> Iterator[object]:
+        yield x[0]
+        yield x[1]
+        yield b"not an image"
+
+    def failing_source() -> Iterator[object]:
+        yield x[0]
+        raise RuntimeError("the caller's own source broke")
+
+    async def async_images() -> AsyncIterator[object]:
+        for image in images():
+            await asyncio.sleep(0)
+            yield image
+
+    with DigitClient(server.target) as client:
+        seen: list[int] = []
+        with pytest.raises(ImageError):
+            seen.extend(r.id for r in client.predict_stream(images()))
+        assert sorted(seen) == [0, 1]  # answered before the error is raised
+        seen.clear()
+        with pytest.raises(RuntimeError, match="source broke"):
+            seen.extend(r.id for r in client.predict_stream(failing_source()))
+        assert seen == [0]
+
+    async def go() -> list[int]:
+        got: list[int] = []
+        async with AsyncDigitClient(server.target) as client:
+            with pytest.raises(ImageError):
+                async for r in client.predict_stream(async_images()):
+                    got.append(r.id)
+        return got
+
+    assert sorted(asyncio.run(go())) == [0, 1]
 
 
 def test_cli_predicts_image_files(

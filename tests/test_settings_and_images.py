@@ -36,6 +36,28 @@ def test_every_field_has_a_flag_and_a_variable() -> None:
         assert env_var(f.name) in help_text
 
 
+def settings_rows() -> list[str]:
+    """The README's settings table, one markdown row per flag, from the settings themselves."""
+    from dataclasses import MISSING, fields
+
+    from server.settings import HELP
+
+    rows = []
+    for f in fields(Settings):
+        default = (
+            "required" if f.default is MISSING else "—" if f.default is None else f"`{f.default}`"
+        )
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{env_var(f.name)}` | {default} | {HELP[f.name]} |")
+    return rows
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [row for row in settings_rows() if row not in readme]
+    assert not missing, "README's settings table lacks (or differs from):\n" + "\n".join(missing)
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [

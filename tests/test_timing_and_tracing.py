@@ -59,6 +59,9 @@ def test_server_timing_can_be_turned_off(trained_model_dir: Path, tmp_path: Path
     try:
         with DigitClient(srv.target) as client:
             assert client.predict(np.zeros((28, 28), np.uint8)).timing is None
+            assert client.batch_predict(np.zeros((3, 28, 28), np.uint8)).timing is None
+            streamed = list(client.predict_stream(np.zeros((3, 28, 28), np.uint8)))
+            assert [r.prediction.timing for r in streamed] == [None] * 3  # type: ignore[union-attr]
     finally:
         assert srv.stop() == 0
 
@@ -80,10 +83,11 @@ async def test_spans_continue_the_callers_trace(
     server = ModelServer(settings, tracer_provider=server_provider)
     await server.start()
     try:
-        for _ in range(300):
+        for _ in range(3000):
             if server.health.serving:
                 break
             await asyncio.sleep(0.01)
+        assert server.health.serving
         caller = sdk_trace.TracerProvider().get_tracer("caller")
         async with AsyncDigitClient(f"127.0.0.1:{server.port}") as client:
             with caller.start_as_current_span("caller") as parent:

@@ -163,3 +163,15 @@ def test_stream_requests_read_like_protobuf(request_id: int, image: bytes) -> No
         with pytest.raises(wire.StreamImageError) as info:
             wire.parse_stream_request(raw)
         assert info.value.request_id == request_id  # the error names the image it is about
+
+
+@pytest.mark.parametrize("last", [0x01, 0x7F])
+def test_a_varint_past_64_bits_reads_as_protobuf_reads_it(last: int) -> None:
+    raw = (
+        b"\x08"
+        + b"\xff" * 9
+        + bytes([last])
+        + pb.PredictStreamRequest(image=bytes(784)).SerializeToString()
+    )
+    request_id, _ = wire.parse_stream_request(raw)
+    assert request_id == pb.PredictStreamRequest.FromString(raw).id == 2**64 - 1

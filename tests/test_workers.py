@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from mnist_client import DigitClient
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, start_server, wait_for
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -22,15 +21,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +70,10 @@ def test_a_dead_worker_is_restarted_and_the_service_stays_up(
     x, _ = mnist_test
     pids: list[int] = workers.ready()["workers"]  # type: ignore[assignment]
     os.kill(pids[0], signal.SIGKILL)
-    assert _wait_for(lambda: workers.ready()["workers"] not in (pids, [pids[1]]))
+    assert wait_for(lambda: workers.ready()["workers"] not in (pids, [pids[1]]), timeout=60)
     new = workers.ready()["workers"]
     assert pids[0] not in new and pids[1] in new  # type: ignore[operator]
-    assert _wait_for(lambda: workers.ready()["serving"] is True)
+    assert wait_for(lambda: workers.ready()["serving"] is True, timeout=60)
     with DigitClient(workers.target) as client:  # retries UNAVAILABLE (a broken connection)
         assert client.batch_predict(x[:10]).digits.shape == (10,)
         assert client.health() == "SERVING"
@@ -101,3 +91,26 @@ def test_sigterm_drains_every_worker(
     assert srv.ready()["stopped"] is True
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the supervisor"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "missing.pem", "--tls-key", "missing.key"], "cannot start"),
+        (["--metrics-token-file", "empty-token"], "token file is empty"),
+    ],
+)
+def test_settings_that_cannot_work_stop_the_supervisor_instead_of_restarting_forever(
+    trained_model_dir: Path, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "empty-token").write_text("\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--model-dir", str(trained_model_dir), "--workers", "2",
+         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr

@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 < args.validation_split < 0.5:
         print("error: --validation-split must be between 0 and 0.5", file=sys.stderr)
         return 2
+    if args.cpu_replicas > 1 and args.strategy != "mirrored":
+        print("error: --cpu-replicas needs --strategy mirrored", file=sys.stderr)
+        return 2
     if args.version is not None and (args.model_dir / str(args.version)).exists():
         print(f"error: {args.model_dir / str(args.version)}: version already exists",
               file=sys.stderr)  # fmt: skip

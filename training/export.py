@@ -27,7 +27,11 @@ def existing_versions(model_dir: Path) -> list[int]:
     """Integer version folders in ``model_dir`` (complete or claimed), ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.name.isascii() and p.name.isdigit() and p.is_dir()
+    )
 
 
 def make_staging_dir(model_dir: Path) -> Path:

@@ -76,7 +76,10 @@ def make_strategy(name: str, cpu_replicas: int = 1) -> tf.distribute.Strategy:
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        if not tf.config.list_physical_devices("GPU") and cpu_replicas > 1:
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus and cpu_replicas > 1:
+            log.warning("--cpu-replicas ignored: mirroring over %d GPU(s) instead", len(gpus))
+        if not gpus and cpu_replicas > 1:
             cpu = tf.config.list_physical_devices("CPU")[0]
             tf.config.set_logical_device_configuration(
                 cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas

@@ -19,6 +19,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import sys
 import time
 from collections import Counter
@@ -27,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from mnist_client import idx
-from mnist_client.client import AsyncDigitClient
+from mnist_client.client import AsyncDigitClient, DigitClient
 from mnist_client.contract import IMAGE_SHAPE
 from mnist_client.timing import Timing
 
@@ -105,8 +107,6 @@ def load_images(source: Path | None, n: int = 10_000) -> tuple[np.ndarray, np.nd
 async def _caller(client: AsyncDigitClient, plan: Plan, k: int, images: np.ndarray,
                   labels: np.ndarray | None, tally: Tally, stop_at: float,
                   progress: Any) -> None:  # fmt: skip
-    import grpc
-
     i = k * 997 % len(images)
     while time.monotonic() < stop_at:
         n = plan.batch_size if plan.method == "batch" else 1
@@ -138,8 +138,6 @@ async def _streamer(client: AsyncDigitClient, k: int, images: np.ndarray,
                     progress: Any) -> None:  # fmt: skip
     """One stream, fed until the time is up with at most :data:`STREAM_WINDOW` images in
     flight; latency is per image, from sending it to its answer."""
-    import grpc
-
     sent: dict[int, float] = {}
     offset = k * 997
     window = asyncio.Semaphore(STREAM_WINDOW)
@@ -193,7 +191,11 @@ def _run_process(plan: Plan, data: Path | None, start_at: float, progress: Any,
             await asyncio.gather(*jobs)
             tally.elapsed_s = time.monotonic() - started
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except Exception as err:  # told to the parent, which stops and says why
+        results.put(f"a load process failed: {type(err).__name__}: {err}")
+        return
     results.put(tally)
 
 
@@ -208,18 +210,32 @@ def run(plans: list[Plan], data: Path | None, show_progress: bool = True) -> Tal
     for proc in procs:
         proc.start()
     duration = plans[0].duration
-    while any(p.is_alive() for p in procs) and results.qsize() < len(procs):
-        time.sleep(0.25)
-        if show_progress and time.time() >= start_at:
-            done = min(1.0, (time.time() - start_at) / duration)
-            bar = "#" * int(done * 30)
-            print(f"\r  [{bar:30s}] {done * 100:3.0f}%  {progress.value:,} images",
-                  end="", file=sys.stderr, flush=True)  # fmt: skip
     total = Tally()
-    for _ in procs:
-        total.merge(results.get(timeout=60))
-    for proc in procs:
-        proc.join(10)
+    waiting = len(procs)
+    try:
+        while waiting:
+            try:
+                got = results.get(timeout=0.25)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    status = dead[0].exitcode
+                    raise SystemExit(f"a load process exited with status {status}") from None
+                if show_progress and time.time() >= start_at:
+                    done = min(1.0, (time.time() - start_at) / duration)
+                    bar = "#" * int(done * 30)
+                    print(f"\r  [{bar:30s}] {done * 100:3.0f}%  {progress.value:,} images",
+                          end="", file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            if isinstance(got, str):
+                raise SystemExit(got)
+            total.merge(got)
+            waiting -= 1
+    finally:
+        for proc in procs:
+            if proc.is_alive() and waiting:
+                proc.terminate()
+            proc.join(10)
     if show_progress:
         print(file=sys.stderr)
     return total
@@ -284,6 +300,18 @@ def main(args: Any, client: dict[str, Any]) -> int:
     """The ``bench`` command of ``python -m mnist_client``; ``args`` from its parser."""
     if args.method not in METHODS:
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}")
+    for name in ("concurrency", "duration", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be > 0")
+    try:  # checked here, once, rather than failing in every load process
+        load_images(args.data)
+    except (OSError, idx.IdxError) as err:
+        raise SystemExit(f"--data {args.data}: {err}") from None
+    with DigitClient(args.target, **client) as probe:
+        try:
+            probe.health(timeout=10)
+        except grpc.RpcError as err:
+            raise SystemExit(f"cannot reach {args.target}: {err.code().name}") from None
     processes = args.processes or max(
         1, min(os.cpu_count() or 1, math.ceil(args.concurrency / CALLERS_PER_PROCESS))
     )

@@ -69,7 +69,9 @@ def _line(name: str, pred: Prediction) -> str:
     return f"{name}: {pred.digit} (p={pred.confidence:.4f}, model v{pred.model_version})"
 
 
-def _predict(client: DigitClient, files: Sequence[Path], stream: bool) -> int:
+def _predict(
+    client: DigitClient, files: Sequence[Path], stream: bool, timeout: float | None = None
+) -> int:
     images, names, failed = [], [], 0
     for path in files:
         try:
@@ -79,7 +81,7 @@ def _predict(client: DigitClient, files: Sequence[Path], stream: bool) -> int:
             print(f"{path}: error: {err}", file=sys.stderr)
             failed += 1
     if images and stream:
-        for result in client.predict_stream(images):
+        for result in client.predict_stream(images, timeout=timeout):
             if result.prediction is not None:
                 print(_line(names[result.id], result.prediction), flush=True)
             else:
@@ -104,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             if args.command == "predict":
-                return _predict(client, args.files, args.stream)
+                return _predict(client, args.files, args.stream, args.timeout)
             if args.command == "info":
                 info = client.model_info()
                 print(json.dumps(vars(info), indent=2, default=str))

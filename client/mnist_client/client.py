@@ -2,7 +2,9 @@
 
 Both clients share one channel configuration: a default deadline per call that the caller can
 override, and gRPC's own retry policy (service config) that retries UNAVAILABLE with
-exponential backoff and nothing else, so a request the server rejected is never resent.
+exponential backoff and nothing else: a request the server refused as wrong or too much
+(INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) is never resent; one it could not take now
+(UNAVAILABLE: starting, draining, gone) is tried again, possibly on another replica.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class ModelInfo:
     loaded_at: str = ""
     last_failed_version: int = 0
     last_failure: str = ""
-    runtime: str = ""  # "litert" or "tensorflow"; empty from servers older than the field
+    runtime: str = ""  # "litert", "keras" or "tensorflow"; empty from older servers
 
 
 def _predict_request(image: Any) -> pb.PredictRequest:
@@ -171,36 +173,56 @@ def _stream_result(resp: pb.PredictStreamResponse) -> StreamResult:
 class _StreamRequests:
     """The request messages of a stream, converted one by one as gRPC asks for them.
 
-    A conversion error ends the stream (sent images are still answered) and is raised to the
-    caller after the answers, instead of becoming an opaque CANCELLED inside gRPC.
+    An error from the caller's side (an image that cannot be converted, or the caller's own
+    iterator raising) ends the stream: images already sent are still answered, and the error
+    is kept in ``error`` to be raised after the answers, instead of becoming an opaque
+    CANCELLED inside gRPC.
     """
 
-    def __init__(self, images: Iterable[Any]) -> None:
-        self._images = iter(images)
+    def __init__(self) -> None:
         self._next_id = 0
         self.error: Exception | None = None
 
-    def __iter__(self) -> Iterator[pb.PredictStreamRequest]:
-        return self
-
-    def __next__(self) -> pb.PredictStreamRequest:
-        if self.error is not None:
-            raise StopIteration
-        image = next(self._images)
+    def _message(self, image: Any) -> pb.PredictStreamRequest | None:
         try:
             message = pb.PredictStreamRequest(id=self._next_id, image=to_image_bytes(image))
-        except Exception as err:  # the caller's input: raised after the stream ends
+        except Exception as err:
             self.error = err
-            raise StopIteration from None
+            return None
         self._next_id += 1
         return message
 
+    def of(self, images: Iterable[Any]) -> Iterator[pb.PredictStreamRequest]:
+        """Messages for an iterable of images."""
+        source = iter(images)
+        while True:
+            try:
+                image = next(source)
+            except StopIteration:
+                return
+            except Exception as err:
+                self.error = err
+                return
+            message = self._message(image)
+            if message is None:
+                return
+            yield message
 
-async def _async_requests(images: AsyncIterable[Any]) -> AsyncIterator[pb.PredictStreamRequest]:
-    next_id = 0
-    async for image in images:
-        yield pb.PredictStreamRequest(id=next_id, image=to_image_bytes(image))
-        next_id += 1
+    async def of_async(self, images: AsyncIterable[Any]) -> AsyncIterator[pb.PredictStreamRequest]:
+        """Messages for an async iterable of images."""
+        source = aiter(images)
+        while True:
+            try:
+                image = await anext(source)
+            except StopAsyncIteration:
+                return
+            except Exception as err:
+                self.error = err
+                return
+            message = self._message(image)
+            if message is None:
+                return
+            yield message
 
 
 def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
@@ -340,6 +362,8 @@ class DigitClient(_ClientBase):
     Args:
         target: ``host:port`` of the server.
         timeout: default deadline of each call, in seconds; every method takes ``timeout=``.
+            A stream has no deadline unless ``predict_stream`` is given one: it lasts as long
+            as its input.
         root_certificates: PEM CA bundle to verify the server (enables TLS).
         private_key, certificate_chain: PEM client key and certificate, for mutual TLS.
         token: bearer token sent as ``authorization`` metadata when the server requires one.
@@ -372,8 +396,8 @@ class DigitClient(_ClientBase):
         answers may come out of order: each carries its image's index in ``images``. An image
         the server cannot read gets an answer with ``error`` set; the stream goes on.
         """
-        requests = _StreamRequests(images)
-        for resp in self._stub.PredictStream(requests, **self._stream_kw(timeout)):
+        requests = _StreamRequests()
+        for resp in self._stub.PredictStream(requests.of(images), **self._stream_kw(timeout)):
             yield _stream_result(resp)
         if requests.error is not None:
             raise requests.error
@@ -428,17 +452,12 @@ class AsyncDigitClient(_ClientBase):
         ``images`` may also be an async iterable, for a producer that must wait (for images
         to arrive, or for answers before it sends more).
         """
-        requests: _StreamRequests | None = None
-        source: Any
-        if isinstance(images, Iterable):
-            requests = _StreamRequests(images)
-            source = iter(requests)
-        else:
-            source = _async_requests(images)
+        requests = _StreamRequests()
+        source = requests.of(images) if isinstance(images, Iterable) else requests.of_async(images)
         call = self._stub.PredictStream(source, **self._stream_kw(timeout))
         async for resp in call:
             yield _stream_result(resp)
-        if requests is not None and requests.error is not None:
+        if requests.error is not None:
             raise requests.error
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:

@@ -6,6 +6,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from mnist_client.contract import IMAGE_SHAPE, INPUT_NAME
 from server.errors import InvalidArgument, NotFound, Unavailable
 from server.manager import ModelManager
 from server.versions import LoadedModel
@@ -25,6 +26,18 @@ def parse(message_type: type[M], raw: bytes) -> M:
         raise InvalidArgument(
             f"request is not a valid {message_type.DESCRIPTOR.full_name} message"
         ) from None
+
+
+def image_count(shape: list[int], max_images: int) -> int:
+    """N of an input tensor's shape ``[N, 28, 28]``; another shape, or too many images, is
+    INVALID_ARGUMENT (before any image is read)."""
+    if len(shape) != 3 or shape[1:] != list(IMAGE_SHAPE) or shape[0] < 1:
+        raise InvalidArgument(
+            f"input '{INPUT_NAME}' has shape {shape}, expected [-1, 28, 28] (N images)"
+        )
+    if shape[0] > max_images:
+        raise InvalidArgument(f"{shape[0]} images in one request, limit {max_images}")
+    return shape[0]
 
 
 class ServedModel:

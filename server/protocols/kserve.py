@@ -40,7 +40,7 @@ from mnist_client.timing import format_server_timing
 from server.batcher import Answer, DynamicBatcher
 from server.errors import InvalidArgument, ServiceError
 from server.metrics import Duration, InferenceStats
-from server.protocols.base import ServedModel, parse
+from server.protocols.base import ServedModel, image_count, parse
 from server.protocols.pb import open_inference_grpc_pb2 as oip
 from server.protocols.pb import triton_extensions_pb2 as triton
 from server.rpc import Call, UnaryImpl
@@ -176,6 +176,10 @@ class KServe:
 
     def _read(self, raw: bytes) -> tuple[oip.ModelInferRequest, np.ndarray]:
         request = parse(oip.ModelInferRequest, raw)
+        return request, self._images_of(request)
+
+    def _images_of(self, request: oip.ModelInferRequest) -> np.ndarray:
+        """The request's images, once its model, outputs and parameters are checked."""
         self._model.get(request.model_name, request.model_version)
         for output in request.outputs:
             if output.name != OUTPUT_NAME:
@@ -184,28 +188,26 @@ class KServe:
                     f"'{OUTPUT_NAME}'"
                 )
         _classes(request)  # a bad classification parameter fails before any compute
-        return request, _images(request, self._settings.max_images_per_request)
+        return _images(request, self._settings.max_images_per_request)
 
     # --- ModelStreamInfer: the codec server.streams.StreamMethod reads and answers with
 
     def read(self, raw: bytes) -> tuple[Any, np.ndarray]:
+        request = parse(oip.ModelInferRequest, raw)  # not a request: the stream is broken
         try:
-            return self._read(raw)
-        except InvalidArgument as err:
-            if err.message.startswith("request is not a valid"):
-                raise  # not even a request: the stream itself is broken
-            raise ItemError(_request_of(raw), err) from None
-        except ServiceError as err:
-            raise ItemError(_request_of(raw), err) from None
+            return request, self._images_of(request)
+        except ServiceError as err:  # this request's own error: answered, the stream goes on
+            raise ItemError(request, err) from None
 
-    def answer(self, key: Any, answer: Answer, total_s: float) -> bytes:
+    def answer(self, key: Any, answer: Answer, total_s: float | None) -> bytes:
         response = _answer(key, self._model.name, answer.probabilities, answer.versions)
-        # the unary call's server-timing trailer, as a response parameter (a stream has one
-        # trailer for all its answers)
-        response.parameters[TIMING_HEADER].string_param = format_server_timing(
-            answer.queue_s, answer.compute_s, total_s, answer.batch_size,
-            int(answer.versions[-1]),
-        )  # fmt: skip
+        if total_s is not None:
+            # the unary call's server-timing trailer, as a response parameter (a stream has
+            # one trailer for all its answers)
+            response.parameters[TIMING_HEADER].string_param = format_server_timing(
+                answer.queue_s, answer.compute_s, total_s, answer.batch_size,
+                int(answer.versions[-1]),
+            )  # fmt: skip
         return triton.ModelStreamInferResponse(infer_response=response).SerializeToString()
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
@@ -215,10 +217,6 @@ class KServe:
         return triton.ModelStreamInferResponse(
             error_message=f"{error.code.name}: {error.message}", infer_response=echo
         ).SerializeToString()
-
-
-def _request_of(raw: bytes) -> oip.ModelInferRequest:
-    return oip.ModelInferRequest.FromString(raw)  # parsed once already: valid
 
 
 def _duration(d: Duration) -> triton.StatisticDuration:
@@ -238,13 +236,7 @@ def _images(request: oip.ModelInferRequest, max_images: int) -> np.ndarray:
             f"input '{INPUT_NAME}' has datatype {tensor.datatype or '(none)'}, expected UINT8"
         )
     shape = list(tensor.shape)
-    if len(shape) != 3 or shape[1:] != list(IMAGE_SHAPE) or shape[0] < 1:
-        raise InvalidArgument(
-            f"input '{INPUT_NAME}' has shape {shape}, expected [-1, 28, 28] (N images)"
-        )
-    n = shape[0]
-    if n > max_images:
-        raise InvalidArgument(f"{n} images in one request, limit {max_images}")
+    n = image_count(shape, max_images)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument("raw_input_contents must hold one entry per input (one)")

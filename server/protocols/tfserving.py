@@ -8,8 +8,9 @@ As TensorFlow Serving does:
 
 * ``model_spec.name`` must be the served model's (``--model-name``), else NOT_FOUND;
   ``model_spec.version``, when set, must be the served version, else NOT_FOUND; a
-  ``version_label`` is NOT_FOUND (no labels are assigned); the signature must be
-  ``serving_default`` (or empty).
+  ``version_label`` is INVALID_ARGUMENT ("Unrecognized servable version label": no labels
+  are assigned); the signature must be ``serving_default`` (or empty). GetModelMetadata
+  needs ``metadata_field`` ``signature_def``.
 * The input tensor comes as ``tensor_content`` (what ``tf.make_tensor_proto`` writes for an
   array) or as typed ``int_val`` values, where fewer values than elements repeat the last one
   (TensorFlow's compact form). A wrong input key, dtype or shape is INVALID_ARGUMENT.
@@ -30,7 +31,7 @@ from mnist_client.contract import (
 )
 from server.batcher import DynamicBatcher
 from server.errors import InvalidArgument, NotFound, Unimplemented
-from server.protocols.base import ServedModel, parse
+from server.protocols.base import ServedModel, image_count, parse
 from server.protocols.pb import tensorflow_core_pb2 as tf
 from server.protocols.pb import tensorflow_serving_pb2 as tfs
 from server.rpc import Call, UnaryImpl
@@ -65,16 +66,16 @@ class TFServing:
         return {"GetModelStatus": self.get_model_status}
 
     def _served(self, spec: tfs.ModelSpec) -> LoadedModel:
-        if spec.version_label:
-            raise NotFound(
-                f"version label '{spec.version_label}' of model '{spec.name}' is not assigned"
-            )
+        if spec.version_label:  # no labels are assigned here
+            raise InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
         version = spec.version.value if spec.HasField("version") else None
+        request = f"Latest({spec.name})" if version is None else f"Specific({spec.name}, {version})"
         try:
-            model = self._model.get(spec.name, version)
+            model = self._model.get(spec.name)
         except NotFound:
-            request = f"Specific({spec.name}, {version})" if version else f"Latest({spec.name})"
             raise NotFound(f"Servable not found for request: {request}") from None
+        if version is not None and version != model.version:  # 0 included: it is a version
+            raise NotFound(f"Servable not found for request: {request}")
         if spec.signature_name not in ("", SIGNATURE):
             raise InvalidArgument(
                 f"Serving signature name: '{spec.signature_name}' not found in signature def; "
@@ -82,9 +83,9 @@ class TFServing:
             )
         return model
 
-    def _spec(self, model: LoadedModel) -> tfs.ModelSpec:
+    def _spec(self, version: int) -> tfs.ModelSpec:
         spec = tfs.ModelSpec(name=self._model.name, signature_name=SIGNATURE)
-        spec.version.value = model.version
+        spec.version.value = version
         return spec
 
     async def predict(self, raw: bytes, call: Call) -> bytes:
@@ -100,11 +101,7 @@ class TFServing:
         call.images = len(images)
         answer = call.answer = await self._batcher.submit(images, call.deadline)
         probs, versions = answer.probabilities, answer.versions
-        model = self._model.current
-        response = tfs.PredictResponse()
-        if model is not None:
-            response.model_spec.CopyFrom(self._spec(model))
-        response.model_spec.version.value = int(versions[-1])
+        response = tfs.PredictResponse(model_spec=self._spec(int(versions[-1])))
         out = response.outputs[OUTPUT_NAME]
         out.dtype = tf.DT_FLOAT
         out.tensor_shape.dim.add(size=len(probs))
@@ -115,6 +112,10 @@ class TFServing:
     async def get_model_metadata(self, raw: bytes, call: Call) -> bytes:
         request = parse(tfs.GetModelMetadataRequest, raw)
         model = self._served(request.model_spec)
+        if not request.metadata_field:
+            raise InvalidArgument(
+                "GetModelMetadataRequest must specify at least one metadata_field"
+            )
         for field in request.metadata_field:
             if field != "signature_def":
                 raise InvalidArgument(f"Metadata field {field} is not supported")
@@ -127,7 +128,7 @@ class TFServing:
         )
         signatures = tfs.SignatureDefMap()
         signatures.signature_def[SIGNATURE].CopyFrom(signature)
-        response = tfs.GetModelMetadataResponse(model_spec=self._spec(model))
+        response = tfs.GetModelMetadataResponse(model_spec=self._spec(model.version))
         response.metadata["signature_def"].Pack(signatures)
         return response.SerializeToString()
 
@@ -173,13 +174,7 @@ def _images(request: tfs.PredictRequest, max_images: int) -> np.ndarray:
             "is provided"
         )
     shape = [d.size for d in tensor.tensor_shape.dim]
-    if len(shape) != 3 or shape[1:] != list(IMAGE_SHAPE) or shape[0] < 1:
-        raise InvalidArgument(
-            f"input '{INPUT_NAME}' has shape {shape}, expected [-1, 28, 28] (N images)"
-        )
-    n = shape[0]
-    if n > max_images:
-        raise InvalidArgument(f"{n} images in one request, limit {max_images}")
+    n = image_count(shape, max_images)
     size = n * IMAGE_BYTES
     if tensor.tensor_content:
         if len(tensor.tensor_content) != size:

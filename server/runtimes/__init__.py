@@ -62,7 +62,7 @@ def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) 
             reasons.append(f"{name}: not installed")
             continue
         try:
-            runtime = _load(name, version_dir, threads, max_batch, gpu=setting == "auto")
+            runtime = _load(name, version_dir, threads, max_batch, auto=setting == "auto")
         except RuntimeUnusable as err:
             reasons.append(f"{name}: {err}")
             continue
@@ -72,12 +72,12 @@ def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) 
     raise RuntimeUnusable("; ".join(reasons))
 
 
-def _load(name: str, version_dir: Path, threads: int, max_batch: int, gpu: bool) -> Runtime:
+def _load(name: str, version_dir: Path, threads: int, max_batch: int, auto: bool) -> Runtime:
     if name == litert.NAME:
         return litert.load(
             version_dir, threads, max_batch, compile_if_missing=tensorflow.available()
         )
-    if name == keras.NAME:  # chosen by auto only for a GPU; asked for by name, anywhere
-        return keras.load(version_dir, max_batch, require_gpu=gpu and gpu_visible())
+    if name == keras.NAME:  # auto wants it for a GPU; asked for by name, it runs anywhere
+        return keras.load(version_dir, max_batch, require_gpu=auto and gpu_visible())
     tensorflow.configure_threads(threads)
     return tensorflow.load(version_dir)

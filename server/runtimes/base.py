@@ -21,3 +21,14 @@ class Runtime(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities float32 ``[N, 10]`` for uint8 images ``[N, 28, 28]``. Blocking."""
         ...
+
+
+def bucket_sizes(max_batch: int, largest: int) -> list[int]:
+    """Batch sizes a runtime prepares for: powers of two from 1 up to ``max_batch`` (capped
+    at ``largest``; the last one may be ``max_batch`` itself). A batch runs in the smallest
+    bucket it fits, so a new batch size never re-sizes or recompiles on the request path."""
+    top = min(largest, max(1, max_batch))
+    sizes = [1]
+    while sizes[-1] < top:
+        sizes.append(min(sizes[-1] * 2, top))
+    return sizes

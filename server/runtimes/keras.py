@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mnist_client.contract import IMAGE_SHAPE, KERAS_FILE, NUM_CLASSES
-from server.runtimes.base import RuntimeUnusable
+from server.runtimes.base import RuntimeUnusable, bucket_sizes
 
 NAME = "keras"
 LARGEST_BUCKET = 4096  # the batcher's --max-batch-size limits it further
@@ -40,6 +40,9 @@ def available() -> bool:
 
 def _keras() -> Any:
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    # JAX takes 75 % of the GPU's memory at start by default; this model needs a few MB, and
+    # other processes (workers, a benchmark) may share the card. Set it to "true" to restore.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import keras
 
     backend = keras.backend.backend()
@@ -49,14 +52,6 @@ def _keras() -> Any:
             "needs KERAS_BACKEND=jax"
         )
     return keras
-
-
-def _buckets(max_batch: int) -> list[int]:
-    top = min(LARGEST_BUCKET, max(1, max_batch))
-    sizes = [1]
-    while sizes[-1] < top:
-        sizes.append(min(sizes[-1] * 2, top))
-    return sizes
 
 
 def device_name(device: Any) -> str:
@@ -96,7 +91,8 @@ class KerasRuntime:
         self._forward = jax.jit(forward)
         self._put = put
         self._staging = {
-            size: np.zeros((size, *IMAGE_SHAPE), np.uint8) for size in _buckets(max_batch)
+            size: np.zeros((size, *IMAGE_SHAPE), np.uint8)
+            for size in bucket_sizes(max_batch, LARGEST_BUCKET)
         }
         self._largest = max(self._staging)
         self._lock = threading.Lock()

@@ -25,7 +25,7 @@ from mnist_client.contract import (
     SIGNATURE,
     TFLITE_FILE,
 )
-from server.runtimes.base import RuntimeUnusable
+from server.runtimes.base import RuntimeUnusable, bucket_sizes
 
 NAME = "litert"
 # Per-image cost is flat from 8 images up (about 40 us of CPU per image either way), while
@@ -54,14 +54,6 @@ def convert_saved_model(saved_model_dir: Path) -> bytes:
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), [SIGNATURE])
     return bytes(converter.convert())
-
-
-def _buckets(max_batch: int) -> list[int]:
-    top = min(LARGEST_BUCKET, max(1, max_batch))
-    sizes = [1]
-    while sizes[-1] < top:
-        sizes.append(min(sizes[-1] * 2, top))
-    return sizes
 
 
 class _Bucket:
@@ -130,7 +122,7 @@ class LiteRTRuntime:
         threads = threads or os.cpu_count() or 1
         self._buckets = [
             _Bucket(flatbuffer, size, threads if size >= MULTI_THREAD_FROM else 1)
-            for size in _buckets(max_batch)
+            for size in bucket_sizes(max_batch, LARGEST_BUCKET)
         ]
         self._largest = self._buckets[-1].size
         self._lock = threading.Lock()  # an interpreter runs one call at a time
