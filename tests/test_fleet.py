@@ -143,7 +143,10 @@ def test_sdk_round_robin_spreads_calls_and_survives_a_replica_going_away(
         fleet.restart(1)  # drains and comes back: the channel skips it meanwhile
 
         def answered_by_restarted() -> float:
-            return fleet.replicas[1].metric("mnist_requests_total", method="Predict", code="OK")
+            # the counter's sample appears with the replica's first OK call
+            restarted = fleet.replicas[1]
+            ok = restarted.metric_or_none("mnist_requests_total", method="Predict", code="OK")
+            return ok or 0
 
         assert wait_for(lambda: answered_by_restarted() >= 100), "the restarted one got no calls"
         fleet.stop(2)  # and one that goes away for good
