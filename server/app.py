@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import rpc
+from server.allocator import return_freed_memory
 from server.batcher import DynamicBatcher
 from server.calls import CallTracker
 from server.health import Health
@@ -334,6 +335,7 @@ class ModelServer:
 
 async def run(settings: Settings, worker: WorkerLink | None = None) -> int:
     """Serve until SIGTERM or SIGINT (or a fatal error), then drain; return the exit status."""
+    return_freed_memory()  # before gRPC starts its threads
     server = ModelServer(settings, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -105,6 +106,10 @@ class Outcome:
     async def __aexit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
         if err is None:
             return False
+        # The finished frames of a refused call hold its request body (up to
+        # --max-message-bytes), and the error's traceback keeps them alive for as long as the
+        # error lives, often in a reference cycle that only the garbage collector breaks.
+        traceback.clear_frames(tb)
         if isinstance(err, ServiceError):
             await self._abort(err.code, err.message)
         elif isinstance(err, asyncio.CancelledError):
@@ -154,6 +159,7 @@ class UnaryMethod:
         call: Call | None = None
         admitted = False
         size = 0
+        raw = b""
         try:
             async with outcome:
                 calls.admit(self.name)
@@ -177,6 +183,7 @@ class UnaryMethod:
                     context.set_trailing_metadata(((TIMING_HEADER, timing),))
                 return response
         finally:
+            raw = b""  # this frame outlives the call in an error's traceback: not the body
             if size:
                 calls.release(size)
             calls.finish(self.name, outcome.code, admitted)
