@@ -4,11 +4,10 @@ A request body is one allocation as large as the message (up to ``--max-message-
 glibc serves allocations above a threshold with their own memory map, returned on free, but
 it raises that threshold to the size of each such block freed (up to 32 MiB): after the first
 large body, later ones come from the heap and per-thread arenas, which keep them after the
-call. A fixed threshold keeps every large buffer mapped, and two arenas keep gRPC's threads
-from each holding a high-water mark of their own. What is left is the heap fragmented by
-many small blocks after a burst (gRPC's read slices, per-image objects), which glibc returns
-only when asked: a thread looks every :data:`CHECK_SECONDS` and asks once the heap holds
-more than :data:`TRIM_FREE_BYTES` free.
+call. A fixed threshold keeps every large buffer mapped. What is left is the heap and the
+threads' arenas, fragmented by many small blocks after a burst (gRPC's read slices,
+per-image objects), which glibc returns only when asked: a thread looks every
+:data:`CHECK_SECONDS` and asks once they hold more than :data:`TRIM_FREE_BYTES` free.
 
 Measured with ``python -m bench.hostile`` (README, "Limits, and hostile load"): after three
 8 MiB hostile bodies at once, five times, RSS came back to 107 MB instead of 215; after a
@@ -28,9 +27,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 256 * 1024
-ARENAS = 2
 # A trim walks the heap holding its lock (10-20 ms after a flood): only when it is worth it.
 CHECK_SECONDS = 1.0
 TRIM_FREE_BYTES = 8 << 20
@@ -56,16 +53,14 @@ def _glibc() -> Any | None:
 
 
 def return_freed_memory() -> bool:
-    """Tune glibc's allocator (unless ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_ARENA_MAX`` chose
-    already) and start a daemon thread that trims the heap when it holds much free memory.
-    Call it before gRPC starts its threads. False where the C library is not glibc."""
+    """Fix glibc's mmap threshold (unless ``MALLOC_MMAP_THRESHOLD_`` chose one already) and
+    start a daemon thread that trims the heap when it holds much free memory. Call it before
+    requests arrive. False where the C library is not glibc."""
     libc = _glibc()
     if libc is None:
         return False
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        libc.mallopt(M_ARENA_MAX, ARENAS)
 
     mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc 2.33+; older: trim every time
     if mallinfo2 is not None:

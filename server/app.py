@@ -335,7 +335,7 @@ class ModelServer:
 
 async def run(settings: Settings, worker: WorkerLink | None = None) -> int:
     """Serve until SIGTERM or SIGINT (or a fatal error), then drain; return the exit status."""
-    return_freed_memory()  # before gRPC starts its threads
+    return_freed_memory()  # before any request arrives
     server = ModelServer(settings, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
