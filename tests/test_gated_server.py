@@ -467,3 +467,43 @@ async def test_calls_of_every_protocol_share_one_model_call(
 async def _digits(server: ModelServer, images: np.ndarray) -> list[int]:
     async with AsyncDigitClient(_target(server)) as client:
         return (await client.batch_predict(images)).digits.tolist()  # type: ignore[no-any-return]
+
+
+def _server_frames_holding(size: int) -> list[str]:
+    """Frames of server code (live or kept by a traceback) with a bytes local of ``size``+."""
+    import gc
+    import types
+
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FrameType) and "/server/" in obj.f_code.co_filename:
+            for name, value in obj.f_locals.items():
+                if isinstance(value, bytes) and len(value) >= size:
+                    found.append(f"{obj.f_code.co_name}: {name}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("Predict", b"\x10\x01" * (1 << 20)), ("BatchPredict", b"\x0a\x00" * (1 << 20))],
+    ids=["unknown-field", "empty-images"],
+)
+async def test_a_refused_body_is_not_kept_by_the_calls_frames(
+    gated: tuple[ModelServer, GatedRuntime], method: str, body: bytes
+) -> None:
+    """A refused call's traceback (often in a reference cycle, freed only by a garbage
+    collection that an idle server may not run for a long time) must not keep its body."""
+    import gc
+
+    server, _ = gated
+    gc.collect()
+    gc.disable()  # what the cycles keep stays visible
+    try:
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            call = channel.unary_unary(f"/mnist.v1.DigitClassifier/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(body)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _server_frames_holding(len(body) // 2) == []
+    finally:
+        gc.enable()
