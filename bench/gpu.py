@@ -35,8 +35,7 @@ LOADS = (  # name, SDK bench method, callers, images per call
 
 def in_process(model_dir: Path, runtime: str, seconds: float) -> dict[str, Any]:
     """images/s of the newest version called directly (no gRPC, no batcher)."""
-    import numpy as np
-
+    from bench.inprocess import rates
     from server.versions import list_versions, load_version
 
     started = time.perf_counter()
@@ -45,15 +44,8 @@ def in_process(model_dir: Path, runtime: str, seconds: float) -> dict[str, Any]:
         "device": model.device, "runtime": model.runtime_name,
         "load_and_compile_s": round(time.perf_counter() - started, 2),
     }  # fmt: skip
-    rng = np.random.default_rng(0)
-    for n in IN_PROCESS_BATCHES:
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        model.predict(images)
-        calls, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds or calls < 3:
-            model.predict(images)
-            calls += 1
-        out[f"images_per_s_b{n}"] = round(calls * n / elapsed)
+    for n, rate in rates(model, IN_PROCESS_BATCHES, seconds).items():
+        out[f"images_per_s_b{n}"] = round(rate)
     return out
 
 

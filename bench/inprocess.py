@@ -10,25 +10,20 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from server.runtimes import RUNTIMES
 
 
-def measure(model_dir: Path, batches: list[int], seconds: float, runtime: str) -> dict[str, float]:
-    """Images/s of the newest version on ``runtime`` at each batch size, after a warm-up call.
-
-    The model is loaded as the server loads it (same runtime, buckets up to the largest batch).
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def rates(model: Any, batches: Iterable[int], seconds: float) -> dict[int, float]:
+    """Images/s of ``model.predict`` at each batch size (random images), after a warm-up
+    call, each timed for ``seconds`` and at least three calls."""
     import numpy as np
 
-    from server.versions import list_versions, load_version
-
-    version = list_versions(model_dir)[-1]
-    model = load_version(model_dir, version, runtime, max_batch=max(batches))
     rng = np.random.default_rng(0)
-    out: dict[str, float] = {}
+    out: dict[int, float] = {}
     for n in batches:
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         model.predict(images)
@@ -36,8 +31,21 @@ def measure(model_dir: Path, batches: list[int], seconds: float, runtime: str) -
         while (elapsed := time.perf_counter() - started) < seconds or calls < 3:
             model.predict(images)
             calls += 1
-        out[str(n)] = calls * n / elapsed
+        out[n] = calls * n / elapsed
     return out
+
+
+def measure(model_dir: Path, batches: list[int], seconds: float, runtime: str) -> dict[str, float]:
+    """Images/s of the newest version on ``runtime`` at each batch size.
+
+    The model is loaded as the server loads it (same runtime, buckets up to the largest batch).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from server.versions import list_versions, load_version
+
+    version = list_versions(model_dir)[-1]
+    model = load_version(model_dir, version, runtime, max_batch=max(batches))
+    return {str(n): rate for n, rate in rates(model, batches, seconds).items()}
 
 
 def main() -> int:
