@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.ready_file import read_ready_file
+from server.ready_file import wait_for_ready_file
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -91,20 +91,15 @@ def start(target: Target, workdir: Path, timeout: float = 120) -> Running:
         proc = subprocess.Popen(
             [*target.command, "--ready-file", str(ready_file)], stdout=out, stderr=subprocess.STDOUT
         )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = read_ready_file(ready_file)
-        if ready and ready.get("serving"):
-            return Running(
-                target, proc, int(ready["grpc_port"]), ready.get("metrics_port"), log,
-                time.perf_counter() - started, ready.get("model_load_seconds"),
-                list(ready.get("workers", [])),
-            )  # fmt: skip
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target.name} exited:\n{log.read_text()[-2000:]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError(f"{target.name} did not start in {timeout}s")
+    try:
+        ready = wait_for_ready_file(ready_file, proc, timeout)
+    except RuntimeError as err:
+        raise RuntimeError(f"{target.name} {err}:\n{log.read_text()[-2000:]}") from None
+    return Running(
+        target, proc, int(ready["grpc_port"]), ready.get("metrics_port"), log,
+        time.perf_counter() - started, ready.get("model_load_seconds"),
+        list(ready.get("workers", [])),
+    )  # fmt: skip
 
 
 def stop(running: Running) -> None:

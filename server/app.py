@@ -39,7 +39,7 @@ from server.protocols.tfserving import MODEL_SERVICE, PREDICTION_SERVICE, TFServ
 from server.servicer import SERVICE_NAME, DigitClassifier
 from server.settings import Settings, read_token
 from server.streams import StreamCodec, StreamMethod
-from server.workers import REPORT_SECONDS, WorkerLink
+from server.workers import EXIT_CANNOT_START, REPORT_SECONDS, WorkerLink
 
 if TYPE_CHECKING:
     from server.tracing import Tracing
@@ -345,7 +345,7 @@ async def run(settings: Settings, worker: WorkerLink | None = None) -> int:
         await server.start()
     except (OSError, ValueError, RuntimeError) as err:  # unreadable TLS/token file, port taken
         log.error("cannot start: %s", err)
-        return 2
+        return EXIT_CANNOT_START
     waits = [loop.create_task(stop.wait()), loop.create_task(server.fatal.wait())]
     await asyncio.wait(waits, return_when="FIRST_COMPLETED")
     for wait in waits:

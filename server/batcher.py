@@ -186,9 +186,7 @@ class DynamicBatcher:
             self._thread.start()
 
     async def submit(self, images: np.ndarray, deadline: float | None = None) -> Answer:
-        """Queue ``images`` for the model and wait for their answer."""
-        if len(images) == 0:
-            return Answer(np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64), 0, 0, 0)
+        """Queue ``images`` (at least one) for the model and wait for their answer."""
         request = self.enqueue(images, deadline)
         self.unresolved += 1
         try:

@@ -117,7 +117,6 @@ class MetricsServer:
         self._server = _BoundedServer((host, port), max_connections, timeout, tls)
         self._server.set_app(_app(registry, token, ready))
         self.port: int = self._server.server_port
-        self.tls = tls is not None
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         )

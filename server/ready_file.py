@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +29,20 @@ def read_ready_file(path: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError):
         return None
     return data
+
+
+def wait_for_ready_file(
+    path: Path, proc: subprocess.Popen[Any], timeout: float, serving: bool = True
+) -> dict[str, Any]:
+    """What the server started as ``proc`` wrote to ``path`` once it listens (with ``serving``:
+    once it serves). Raises RuntimeError if it exits first, or (killing it) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = read_ready_file(path)
+        if ready is not None and (ready.get("serving") or not serving):
+            return ready
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}")
+        time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError(f"did not start in {timeout}s")

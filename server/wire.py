@@ -74,14 +74,17 @@ class Fields:
         self.message = message
         self.fields = fields
 
-    def scan(self, data: bytes, on_field: Callable[[int, int, int, int], None]) -> None:
-        """Walk ``data``, calling ``on_field(number, value, start, end)`` for each field.
+    def scan(
+        self, data: bytes, on_field: Callable[[int, int, int, int], None], pos: int = 0
+    ) -> None:
+        """Walk ``data`` from ``pos``, calling ``on_field(number, value, start, end)`` for each
+        field (positions in ``data``).
 
         A varint field gives its ``value``; a length-delimited one its bytes ``data[start:end]``.
         Stops at the first unknown field, wrong wire type or malformed byte with
         INVALID_ARGUMENT, so a hostile body costs only as much as its first problem.
         """
-        pos, n = 0, len(data)
+        n = len(data)
         while pos < n:
             key, pos = read_varint(data, pos, self.message)
             number, wire = key >> 3, key & 7
@@ -127,9 +130,9 @@ def _once(seen: set[int], number: int, fields: Fields) -> None:
     seen.add(number)
 
 
-def _image_at(data: bytes, start: int, end: int, where: str = "image") -> np.ndarray:
+def _image_at(data: bytes, start: int, end: int) -> np.ndarray:
     if end - start != IMAGE_BYTES:
-        raise _image_size_error(end - start, where)
+        raise _image_size_error(end - start)
     return np.frombuffer(data, np.uint8, IMAGE_BYTES, start).reshape(1, *IMAGE_SHAPE)
 
 
@@ -183,23 +186,12 @@ def parse_batch_predict(data: bytes, max_images: int) -> np.ndarray:
         starts.append(start)
         count += 1
 
-    BATCH_PREDICT_REQUEST.scan(data[first_bad * _IMAGE_ENTRY :], _shifted(on_field, first_bad))
+    BATCH_PREDICT_REQUEST.scan(data, on_field, first_bad * _IMAGE_ENTRY)
     if not starts:
         raise InvalidArgument("BatchPredict needs at least one image")
     # only reached for valid but unusual encodings (e.g. over-long varint lengths)
     pixels = b"".join(data[s : s + IMAGE_BYTES] for s in starts)
     return np.frombuffer(pixels, np.uint8).reshape(len(starts), *IMAGE_SHAPE)
-
-
-def _shifted(
-    on_field: Callable[[int, int, int, int], None], first_bad: int
-) -> Callable[[int, int, int, int], None]:
-    offset = first_bad * _IMAGE_ENTRY
-
-    def shifted(number: int, value: int, start: int, end: int) -> None:
-        on_field(number, value, start + offset, end + offset)
-
-    return shifted
 
 
 def _check_count(n: int, max_images: int) -> None:
@@ -209,9 +201,9 @@ def _check_count(n: int, max_images: int) -> None:
         )
 
 
-def parse_empty(data: bytes, fields: Fields = EMPTY_REQUEST) -> None:
+def parse_empty(data: bytes) -> None:
     """Check a message that has no fields (GetModelInfoRequest): any field is unknown."""
-    fields.scan(data, lambda *_: None)
+    EMPTY_REQUEST.scan(data, lambda *_: None)
 
 
 def parse_stream_request(data: bytes) -> tuple[int, np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from mnist_client import AsyncDigitClient
-from server.ready_file import read_ready_file
+from server.ready_file import read_ready_file, wait_for_ready_file
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -161,19 +161,14 @@ def start_server(
         text=True,
         env=env,
     )  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = read_ready_file(ready_path)
-        if ready is not None and (ready["serving"] or not serving):
-            return ServerProcess(
-                proc, f"127.0.0.1:{ready['grpc_port']}",
-                f"http://127.0.0.1:{ready['metrics_port']}/metrics", log_path, ready_path,
-            )  # fmt: skip
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"server did not start in {timeout}s:\n{log_path.read_text()}")
+    try:
+        ready = wait_for_ready_file(ready_path, proc, timeout, serving)
+    except RuntimeError as err:
+        raise RuntimeError(f"server {err}:\n{log_path.read_text()}") from None
+    return ServerProcess(
+        proc, f"127.0.0.1:{ready['grpc_port']}",
+        f"http://127.0.0.1:{ready['metrics_port']}/metrics", log_path, ready_path,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,12 @@ class Fleet:
         self.stop(i)
         self.replicas[i] = self._start(i)
 
+    def answered_now(self, i: int) -> float:
+        """OK Predicts replica ``i`` has answered since it (re)started; its counter's sample
+        appears with its first OK call."""
+        ok = self.replicas[i].metric_or_none("mnist_requests_total", method="Predict", code="OK")
+        return ok or 0
+
     def stop_all(self) -> None:
         for i, replica in enumerate(self.replicas):
             if replica.proc.poll() is None:
@@ -100,14 +106,11 @@ def _haproxy(fleet: Fleet, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise AssertionError("haproxy did not listen")
 
 
-def _rolling_restart(fleet: Fleet, traffic: Traffic) -> None:
+def _rolling_restart(fleet: Fleet) -> None:
     for i in range(3):
-        seen = traffic.codes["OK"]
         fleet.restart(i)
-        time.sleep(1)  # the balancer sees it SERVING again
-        deadline = time.monotonic() + 30
-        while traffic.codes["OK"] < seen + 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # the balancer sees it SERVING again and sends it its share
+        assert wait_for(lambda i=i: fleet.answered_now(i) >= 100), f"replica {i} got no calls"
 
 
 def test_rolling_restart_behind_haproxy_loses_no_call(
@@ -116,9 +119,9 @@ def test_rolling_restart_behind_haproxy_loses_no_call(
     proxy, target = _haproxy(fleet, tmp_path)
     try:
         with Traffic(target, mnist_test[0][:200], concurrency=8) as traffic:
-            time.sleep(1)
-            _rolling_restart(fleet, traffic)
-            time.sleep(1)
+            assert wait_for(lambda: traffic.codes["OK"] > 200)
+            _rolling_restart(fleet)
+            assert wait_for(lambda: traffic.codes["OK"] > 1000)
         fleet.stop_all()
     finally:
         proxy.terminate()
@@ -141,14 +144,7 @@ def test_sdk_round_robin_spreads_calls_and_survives_a_replica_going_away(
                  options=fast_reconnect) as t:  # fmt: skip
         time.sleep(2)
         fleet.restart(1)  # drains and comes back: the channel skips it meanwhile
-
-        def answered_by_restarted() -> float:
-            # the counter's sample appears with the replica's first OK call
-            restarted = fleet.replicas[1]
-            ok = restarted.metric_or_none("mnist_requests_total", method="Predict", code="OK")
-            return ok or 0
-
-        assert wait_for(lambda: answered_by_restarted() >= 100), "the restarted one got no calls"
+        assert wait_for(lambda: fleet.answered_now(1) >= 100), "the restarted one got no calls"
         fleet.stop(2)  # and one that goes away for good
         time.sleep(2)
     fleet.stop_all()

@@ -16,8 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
-from mnist_client import AsyncDigitClient
+from mnist_client import AsyncDigitClient, DigitClient
 from server.app import EXIT_BATCHER_FAILED, ModelServer
+from server.ready_file import wait_for_ready_file
 from server.settings import parse_settings
 from tests.conftest import ROOT
 
@@ -183,7 +184,9 @@ async def test_a_failed_batcher_thread_turns_the_server_not_serving(
     assert server.exit_code == EXIT_BATCHER_FAILED
 
 
-def test_a_process_whose_batcher_fails_exits_non_zero(trained_model_dir: Path) -> None:
+def test_a_process_whose_batcher_fails_exits_non_zero(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
     # the real command line, with a bug planted in the batcher's thread
     code = (
         "import sys, server.batcher as b\n"
@@ -192,23 +195,15 @@ def test_a_process_whose_batcher_fails_exits_non_zero(trained_model_dir: Path) -
         "from server.__main__ import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    ready = trained_model_dir.parent / "batcher-fails.ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "--model-dir", str(trained_model_dir), "--host",
-         "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    ready = tmp_path / "batcher-fails.ready.json"
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "--model-dir", str(trained_model_dir), "--host",
+             "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
-        import json
-        import time
-
-        from mnist_client import DigitClient
-
-        deadline = time.monotonic() + 60
-        while not (ready.exists() and json.loads(ready.read_text())["serving"]):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        port = json.loads(ready.read_text())["grpc_port"]
+        port = wait_for_ready_file(ready, proc, 60)["grpc_port"]
         with DigitClient(f"127.0.0.1:{port}", timeout=10) as client, pytest.raises(grpc.RpcError):
             client.predict(np.zeros((28, 28), np.uint8))
         assert proc.wait(60) == EXIT_BATCHER_FAILED
