@@ -115,8 +115,7 @@ def _rss_sampler(pid: int) -> tuple[Callable[[], list[float]], threading.Event]:
 
 
 def _start(model_dir: Path, workdir: Path, name: str, *extra: str) -> Running:
-    return start(Target(name, our_server(model_dir, "--max-queue-images", "8192", *extra),
-                        True), workdir)  # fmt: skip
+    return start(Target(name, our_server(model_dir, *extra), True), workdir)
 
 
 def _warm(target: str, images: np.ndarray, n: int = 2000) -> None:

@@ -48,8 +48,7 @@ def our_server(model_dir: Path, *extra: str) -> list[str]:
     """The command line of our server on free loopback ports."""
     return [
         sys.executable, "-m", "server", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-        "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-        "--max-queue-images", "65536", *extra,
+        "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", *extra,
     ]  # fmt: skip
 
 
