@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -32,3 +33,14 @@ def bucket_sizes(max_batch: int, largest: int) -> list[int]:
     while sizes[-1] < top:
         sizes.append(min(sizes[-1] * 2, top))
     return sizes
+
+
+def run_in_buckets(
+    images: np.ndarray, sizes: Sequence[int], run: Callable[[int, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """``run(size, part)`` on the smallest bucket ``size`` that holds ``images`` (ascending
+    ``sizes``); a batch larger than the largest bucket runs as several parts of that size."""
+    largest = sizes[-1]
+    parts = [images[i : i + largest] for i in range(0, len(images), largest)]
+    answers = [run(next(s for s in sizes if s >= len(part)), part) for part in parts]
+    return answers[0] if len(answers) == 1 else np.concatenate(answers)

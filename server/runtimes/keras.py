@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mnist_client.contract import IMAGE_SHAPE, KERAS_FILE, NUM_CLASSES
-from server.runtimes.base import RuntimeUnusable, bucket_sizes
+from server.runtimes.base import RuntimeUnusable, bucket_sizes, run_in_buckets
 
 NAME = "keras"
 LARGEST_BUCKET = 4096  # the batcher's --max-batch-size limits it further
@@ -94,27 +94,16 @@ class KerasRuntime:
             size: np.zeros((size, *IMAGE_SHAPE), np.uint8)
             for size in bucket_sizes(max_batch, LARGEST_BUCKET)
         }
-        self._largest = max(self._staging)
+        self.bucket_sizes = list(self._staging)  # each compiled at the warm-up
         self._lock = threading.Lock()
-
-    @property
-    def bucket_sizes(self) -> list[int]:
-        """The batch sizes that have a compiled program (each compiled at the warm-up)."""
-        return sorted(self._staging)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, 10]`` for uint8 ``[N, 28, 28]``. Thread-safe, blocking."""
         with self._lock:
-            if len(images) <= self._largest:
-                return self._run(images)
-            step = self._largest
-            return np.concatenate(
-                [self._run(images[i : i + step]) for i in range(0, len(images), step)]
-            )
+            return run_in_buckets(images, self.bucket_sizes, self._run)
 
-    def _run(self, images: np.ndarray) -> np.ndarray:
+    def _run(self, size: int, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        size = next(s for s in sorted(self._staging) if s >= n)
         staging = self._staging[size]
         staging[:n] = images
         out = self._forward(*self._weights, self._put(staging, self._jax_device))

@@ -25,7 +25,7 @@ from mnist_client.contract import (
     SIGNATURE,
     TFLITE_FILE,
 )
-from server.runtimes.base import RuntimeUnusable, bucket_sizes
+from server.runtimes.base import RuntimeUnusable, bucket_sizes, run_in_buckets
 
 NAME = "litert"
 # Per-image cost is flat from 8 images up (about 40 us of CPU per image either way), while
@@ -120,38 +120,20 @@ class LiteRTRuntime:
         check_signature(flatbuffer)
         self.source = source
         threads = threads or os.cpu_count() or 1
-        self._buckets = [
-            _Bucket(flatbuffer, size, threads if size >= MULTI_THREAD_FROM else 1)
+        self._buckets = {
+            size: _Bucket(flatbuffer, size, threads if size >= MULTI_THREAD_FROM else 1)
             for size in bucket_sizes(max_batch, LARGEST_BUCKET)
-        ]
-        self._largest = self._buckets[-1].size
+        }
+        self.bucket_sizes = list(self._buckets)  # sizes with an interpreter of their own
         self._lock = threading.Lock()  # an interpreter runs one call at a time
-
-    @property
-    def bucket_sizes(self) -> list[int]:
-        """The batch sizes that have an interpreter of their own."""
-        return [b.size for b in self._buckets]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, 10]`` for uint8 ``[N, 28, 28]``. Thread-safe, blocking."""
-        n = len(images)
         with self._lock:
-            if n <= self._largest:
-                return self._bucket_for(n).run(images)
-            top = self._buckets[-1]
-            return np.concatenate(
-                [self._bucket_for(len(part)).run(part) for part in _chunks(images, top.size)]
-            )
+            return run_in_buckets(images, self.bucket_sizes, self._run)
 
-    def _bucket_for(self, n: int) -> _Bucket:
-        for bucket in self._buckets:
-            if bucket.size >= n:
-                return bucket
-        raise AssertionError("unreachable: n <= the largest bucket")
-
-
-def _chunks(images: np.ndarray, size: int) -> list[np.ndarray]:
-    return [images[i : i + size] for i in range(0, len(images), size)]
+    def _run(self, size: int, images: np.ndarray) -> np.ndarray:
+        return self._buckets[size].run(images)
 
 
 COMPILED = "compiled from the SavedModel at load"
