@@ -26,7 +26,6 @@ from server.runtimes.base import Runtime, RuntimeUnusable
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", litert.NAME, keras.NAME, tensorflow.NAME)
-_MODULES = {litert.NAME: litert, keras.NAME: keras, tensorflow.NAME: tensorflow}
 
 __all__ = ["RUNTIMES", "Runtime", "RuntimeUnusable", "gpu_visible", "load_runtime"]
 
@@ -48,19 +47,14 @@ def _order(setting: str) -> list[str]:
 
 
 def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) -> Runtime:
-    """Load ``version_dir`` on the runtime ``setting`` names (or the best one, for ``auto``).
+    """Load ``version_dir`` on the runtime ``setting`` names (or the best one, for ``auto``);
+    ``setting`` is one of :data:`RUNTIMES` (``load_version`` checks).
 
     Raises:
         RuntimeUnusable: no runtime could load it; the message names each one's reason.
     """
-    if setting not in RUNTIMES:
-        raise ValueError(f"runtime {setting!r} is not one of {RUNTIMES}")
     reasons = []
-    order = _order(setting)
-    for name in order:
-        if setting == "auto" and not _MODULES[name].available():
-            reasons.append(f"{name}: not installed")
-            continue
+    for name in _order(setting):
         try:
             runtime = _load(name, version_dir, threads, max_batch, auto=setting == "auto")
         except RuntimeUnusable as err:
@@ -79,5 +73,4 @@ def _load(name: str, version_dir: Path, threads: int, max_batch: int, auto: bool
         )
     if name == keras.NAME:  # auto wants it for a GPU; asked for by name, it runs anywhere
         return keras.load(version_dir, max_batch, require_gpu=auto and gpu_visible())
-    tensorflow.configure_threads(threads)
-    return tensorflow.load(version_dir)
+    return tensorflow.load(version_dir, threads)

@@ -115,8 +115,9 @@ class TensorFlowRuntime:
         return out.numpy()  # type: ignore[no-any-return]
 
 
-def load(version_dir: Path) -> TensorFlowRuntime:
-    """The runtime for the SavedModel in ``version_dir``."""
+def load(version_dir: Path, threads: int = 0) -> TensorFlowRuntime:
+    """The runtime for the SavedModel in ``version_dir`` (``threads``: see
+    :func:`configure_threads`)."""
     if not available():
         raise RuntimeUnusable(
             "TensorFlow is not installed (pip install 'mnist-serving[tensorflow]')"
@@ -124,4 +125,5 @@ def load(version_dir: Path) -> TensorFlowRuntime:
     if not (version_dir / SAVED_MODEL_FILE).is_file():
         raise RuntimeUnusable("no saved_model.pb in the version folder")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_threads(threads)
     return TensorFlowRuntime(version_dir)
