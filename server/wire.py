@@ -33,6 +33,12 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _WIRE_NAMES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 4: "group", 5: "32-bit"}
 _LITTLE_F32 = np.dtype("<f4")
 
+
+def float32_le(values: np.ndarray) -> bytes:
+    """``values`` as little-endian float32 bytes, the wire form of every protocol's output."""
+    return values.astype(_LITTLE_F32, copy=False).tobytes()
+
+
 # one image as protobuf writes it: tag of field 1 (length-delimited), varint 784, the pixels
 _IMAGE_TAG = b"\x0a"
 _IMAGE_HEADER = _IMAGE_TAG + bytes([0x90, 0x06])  # varint(784)
@@ -166,12 +172,12 @@ def parse_batch_predict(data: bytes, max_images: int) -> np.ndarray:
         good = (rows[:, : len(_IMAGE_HEADER)] == _IMAGE_HEADER_ARRAY).all(axis=1)
         first_bad = int(good.argmin()) if not good.all() else n
         if first_bad == n and not rest:  # the common case: every entry a 784-byte image
-            _check_count(n, max_images)
+            check_count(n, max_images)
             return rows[:, len(_IMAGE_HEADER) :].reshape(n, *IMAGE_SHAPE)
     # Something is off from entry `first_bad` on (or the body is empty): read on from there
     # one field at a time, to name the first problem exactly.
     count = first_bad
-    _check_count(count, max_images)
+    check_count(count, max_images)
     starts = [i * _IMAGE_ENTRY + len(_IMAGE_HEADER) for i in range(first_bad)]
 
     def on_field(number: int, value: int, start: int, end: int) -> None:
@@ -194,7 +200,8 @@ def parse_batch_predict(data: bytes, max_images: int) -> np.ndarray:
     return np.frombuffer(pixels, np.uint8).reshape(len(starts), *IMAGE_SHAPE)
 
 
-def _check_count(n: int, max_images: int) -> None:
+def check_count(n: int, max_images: int) -> None:
+    """More than ``max_images`` images in one request is INVALID_ARGUMENT."""
     if n > max_images:
         raise InvalidArgument(
             f"{n} images in one request, limit {max_images}; split into several requests"
@@ -258,7 +265,7 @@ def encode_predict(probabilities: np.ndarray, version: int) -> bytes:
     return b"".join((
         _DIGIT_TAG + bytes((digit,)) if digit else b"",
         _PROBS_HEADER,
-        probabilities.astype(_LITTLE_F32, copy=False).tobytes(),
+        float32_le(probabilities),
         _VERSION_TAG + varint(version) if version else b"",
     ))  # fmt: skip
 
@@ -280,7 +287,7 @@ def encode_batch_predict(probabilities: np.ndarray, versions: np.ndarray) -> byt
     """A BatchPredictResponse: packed digits, row-major probabilities, per-image versions."""
     return b"".join((
         _packed(1, packed_varints(probabilities.argmax(axis=1))),
-        _packed(2, probabilities.astype(_LITTLE_F32, copy=False).tobytes()),
+        _packed(2, float32_le(probabilities)),
         _packed(3, packed_varints(versions)),
     ))  # fmt: skip
 

@@ -10,6 +10,7 @@ from mnist_client.contract import IMAGE_SHAPE, INPUT_NAME
 from server.errors import InvalidArgument, NotFound, Unavailable
 from server.manager import ModelManager
 from server.versions import LoadedModel
+from server.wire import check_count
 
 M = TypeVar("M", bound=Message)
 
@@ -35,8 +36,7 @@ def image_count(shape: list[int], max_images: int) -> int:
         raise InvalidArgument(
             f"input '{INPUT_NAME}' has shape {shape}, expected [-1, 28, 28] (N images)"
         )
-    if shape[0] > max_images:
-        raise InvalidArgument(f"{shape[0]} images in one request, limit {max_images}")
+    check_count(shape[0], max_images)
     return shape[0]
 
 

@@ -46,11 +46,11 @@ from server.protocols.pb import triton_extensions_pb2 as triton
 from server.rpc import Call, UnaryImpl
 from server.settings import Settings
 from server.streams import ItemError
+from server.wire import float32_le
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "mnist-serving"
 EXTENSIONS = ("classification", "model_configuration", "statistics", "binary_tensor_data")
-_LITTLE_F32 = np.dtype("<f4")
 
 
 class KServe:
@@ -286,5 +286,5 @@ def _answer(
         response.raw_output_contents.append(b"".join(struct.pack("<I", len(c)) + c for c in cells))
         return response
     response.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=[n, NUM_CLASSES])
-    response.raw_output_contents.append(probs.astype(_LITTLE_F32, copy=False).tobytes())
+    response.raw_output_contents.append(float32_le(probs))
     return response

@@ -25,8 +25,10 @@ from mnist_client.contract import (
     IMAGE_BYTES,
     IMAGE_SHAPE,
     INPUT_NAME,
+    INPUT_SHAPE,
     NUM_CLASSES,
     OUTPUT_NAME,
+    OUTPUT_SHAPE,
     SIGNATURE,
 )
 from server.batcher import DynamicBatcher
@@ -37,11 +39,11 @@ from server.protocols.pb import tensorflow_serving_pb2 as tfs
 from server.rpc import Call, UnaryImpl
 from server.settings import Settings
 from server.versions import LoadedModel
+from server.wire import float32_le
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 PREDICT_METHOD = "tensorflow/serving/predict"
-_LITTLE_F32 = np.dtype("<f4")
 _DTYPE_NAMES = {v.number: v.name for v in tf.DataType.DESCRIPTOR.values}
 
 
@@ -106,7 +108,7 @@ class TFServing:
         out.dtype = tf.DT_FLOAT
         out.tensor_shape.dim.add(size=len(probs))
         out.tensor_shape.dim.add(size=NUM_CLASSES)
-        out.tensor_content = probs.astype(_LITTLE_F32, copy=False).tobytes()
+        out.tensor_content = float32_le(probs)
         return response.SerializeToString()
 
     async def get_model_metadata(self, raw: bytes, call: Call) -> bytes:
@@ -121,10 +123,10 @@ class TFServing:
                 raise InvalidArgument(f"Metadata field {field} is not supported")
         signature = tf.SignatureDef(method_name=PREDICT_METHOD)
         signature.inputs[INPUT_NAME].CopyFrom(
-            _info(f"{SIGNATURE}_{INPUT_NAME}:0", tf.DT_UINT8, [-1, *IMAGE_SHAPE])
+            _info(f"{SIGNATURE}_{INPUT_NAME}:0", tf.DT_UINT8, list(INPUT_SHAPE))
         )
         signature.outputs[OUTPUT_NAME].CopyFrom(
-            _info("StatefulPartitionedCall:0", tf.DT_FLOAT, [-1, NUM_CLASSES])
+            _info("StatefulPartitionedCall:0", tf.DT_FLOAT, list(OUTPUT_SHAPE))
         )
         signatures = tfs.SignatureDefMap()
         signatures.signature_def[SIGNATURE].CopyFrom(signature)
