@@ -175,8 +175,8 @@ class ModelServer:
             service, _, name = path.rpartition("/")
             services[service][name] = StreamMethod(
                 label, codec, self.batcher, self.calls, self.metrics, auth,
-                window=s.max_stream_images, precondition=mnist.check_ready, tracing=tracing,
-                path=f"/{path}", server_timing=timing,
+                window=s.max_stream_images, precondition=self.manager.serving_model,
+                tracing=tracing, path=f"/{path}", server_timing=timing,
             )  # fmt: skip
         return services
 

@@ -65,6 +65,13 @@ class ModelManager:
         serving = self._serving
         return serving[0] if serving else None
 
+    def serving_model(self) -> LoadedModel:
+        """The version being served; UNAVAILABLE (retry elsewhere) while none is loaded yet."""
+        model = self.current
+        if model is None:
+            raise Unavailable("no model version is loaded yet")
+        return model
+
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """Probabilities from the current version, and that version. Called once per batch."""
         serving = self._serving

@@ -23,7 +23,7 @@ from mnist_client.contract import (
 from mnist_client.pb import digit_classifier_pb2 as pb
 from server import wire
 from server.batcher import Answer, DynamicBatcher
-from server.errors import ServiceError, Unavailable
+from server.errors import ServiceError
 from server.manager import ModelManager
 from server.rpc import Call, UnaryImpl
 from server.settings import Settings
@@ -48,22 +48,17 @@ class DigitClassifier:
             "GetModelInfo": self.get_model_info,
         }
 
-    def check_ready(self) -> None:
-        """Refuse work while no model version is loaded (UNAVAILABLE: retry elsewhere)."""
-        if self._manager.current is None:
-            raise Unavailable("no model version is loaded yet")
-
     async def predict(self, raw: bytes, call: Call) -> bytes:
         call.images = 1  # a Predict carries one image, even one that turns out to be wrong
         images = wire.parse_predict(raw)
-        self.check_ready()
+        self._manager.serving_model()
         answer = call.answer = await self._batcher.submit(images, call.deadline)
         return wire.encode_predict(answer.probabilities[0], int(answer.versions[0]))
 
     async def batch_predict(self, raw: bytes, call: Call) -> bytes:
         images = wire.parse_batch_predict(raw, self._settings.max_images_per_request)
         call.images = len(images)
-        self.check_ready()
+        self._manager.serving_model()
         answer = call.answer = await self._batcher.submit(images, call.deadline)
         return wire.encode_batch_predict(answer.probabilities, answer.versions)
 
@@ -89,9 +84,7 @@ class DigitClassifier:
 
     async def get_model_info(self, raw: bytes, call: Call) -> bytes:
         wire.parse_empty(raw)
-        self.check_ready()
-        model = self._manager.current
-        assert model is not None  # checked; versions are only ever swapped, never unloaded
+        model = self._manager.serving_model()
         s = self._settings
         failure = self._manager.last_failure
         return pb.GetModelInfoResponse(

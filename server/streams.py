@@ -91,7 +91,7 @@ class StreamMethod:
         metrics: ServerMetrics,
         auth: Authenticator,
         window: int,
-        precondition: Callable[[], None] = lambda: None,
+        precondition: Callable[[], object] = lambda: None,
         tracing: Tracing | None = None,
         path: str = "",
         server_timing: bool = True,

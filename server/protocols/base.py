@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from mnist_client.contract import IMAGE_SHAPE, INPUT_NAME
-from server.errors import InvalidArgument, NotFound, Unavailable
+from server.errors import InvalidArgument, NotFound
 from server.manager import ModelManager
 from server.versions import LoadedModel
 from server.wire import check_count
@@ -47,7 +47,7 @@ class ServedModel:
         self._manager = manager
         self.name = name
 
-    def get(self, name: str, version: Any = None) -> LoadedModel:
+    def get(self, name: str, version: str = "") -> LoadedModel:
         """The loaded model when ``name`` (and ``version``, if given) is what is served.
 
         Raises:
@@ -56,15 +56,9 @@ class ServedModel:
         """
         if name != self.name:
             raise NotFound(f"model '{name}' is not served here; this server serves '{self.name}'")
-        model = self._manager.current
-        if model is None:
-            raise Unavailable("no model version is loaded yet")
-        if version not in (None, "", 0) and str(version) != str(model.version):
+        model = self._manager.serving_model()
+        if version and version != str(model.version):
             raise NotFound(
                 f"version {version} of model '{name}' is not served; version {model.version} is"
             )
         return model
-
-    @property
-    def current(self) -> LoadedModel | None:
-        return self._manager.current

@@ -38,7 +38,7 @@ from mnist_client.contract import (
 from mnist_client.timing import HEADER as TIMING_HEADER
 from mnist_client.timing import format_server_timing
 from server.batcher import Answer, DynamicBatcher
-from server.errors import InvalidArgument, ServiceError
+from server.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from server.metrics import Duration, InferenceStats
 from server.protocols.base import ServedModel, image_count, parse
 from server.protocols.pb import open_inference_grpc_pb2 as oip
@@ -96,13 +96,11 @@ class KServe:
 
     async def model_ready(self, raw: bytes, call: Call) -> bytes:
         request = parse(oip.ModelReadyRequest, raw)
-        current = self._model.current
-        ready = (
-            request.name == self._model.name
-            and current is not None
-            and request.version in ("", str(current.version))
-        )
-        return oip.ModelReadyResponse(ready=ready).SerializeToString()
+        try:
+            self._model.get(request.name, request.version)
+        except (NotFound, Unavailable):
+            return oip.ModelReadyResponse(ready=False).SerializeToString()
+        return oip.ModelReadyResponse(ready=True).SerializeToString()
 
     async def server_metadata(self, raw: bytes, call: Call) -> bytes:
         parse(oip.ServerMetadataRequest, raw)
