@@ -139,6 +139,16 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> bool:
     return False
 
 
+async def until(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Await ``predicate`` holding, polling every 10 ms without blocking the event loop (an
+    in-process server runs on it); fails the test after ``timeout`` seconds."""
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
 def start_server(
     model_dir: Path, log_path: Path, *args: str, timeout: float = 90, serving: bool = True,
     env: dict[str, str] | None = None,

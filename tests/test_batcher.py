@@ -17,6 +17,7 @@ import pytest
 from server.batcher import DynamicBatcher
 from server.errors import DeadlineExceeded, ModelFailed, ResourceExhausted, Unavailable
 from server.metrics import ServerMetrics
+from tests.conftest import until
 
 VERSION = 7
 POISON = 13  # a batch holding an image with this first pixel makes the model raise
@@ -309,10 +310,7 @@ async def test_a_failing_thread_fails_the_batch_in_hand_too() -> None:
     batcher.start()
     with pytest.raises(Unavailable):  # computed, but never handed back: not left hanging
         await asyncio.wait_for(batcher.submit(images(1)), 5.0)
-    for _ in range(500):  # the thread posts on_failure right after the failed answers
-        if failures:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: failures, timeout=5)  # posted right after the failed answers
     assert model.calls == [1] and len(failures) == 1 and not batcher.alive
     with pytest.raises(Unavailable):
         await batcher.submit(images(2))

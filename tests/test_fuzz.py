@@ -191,26 +191,9 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes, length: int | Non
     return struct.pack(">I", n)[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
 
-def _literal(name: bytes, value: bytes) -> bytes:
-    """HPACK literal header field without indexing, new name, no Huffman (short strings)."""
-    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
-
-
-def _grpc_headers(port: int) -> bytes:
-    fields = [
-        (b":method", b"POST"), (b":scheme", b"http"),
-        (b":path", b"/mnist.v1.DigitClassifier/Predict"),
-        (b":authority", f"127.0.0.1:{port}".encode()),
-        (b"content-type", b"application/grpc"), (b"te", b"trailers"),
-    ]  # fmt: skip
-    return b"".join(_literal(n, v) for n, v in fields)
-
-
-def _send(port: int, data: bytes, read: bool = True) -> bytes:
+def _send(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(data)
-        if not read:
-            return b""
         chunks = b""
         try:
             while len(chunks) < 65536:

@@ -20,7 +20,7 @@ from mnist_client import AsyncDigitClient, DigitClient
 from server.app import EXIT_BATCHER_FAILED, ModelServer
 from server.ready_file import wait_for_ready_file
 from server.settings import parse_settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, until
 
 
 class GatedRuntime:
@@ -54,14 +54,6 @@ class GatedRuntime:
         return [len(c) for c in self.calls]
 
 
-async def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 async def _start(model_dir: Path, *args: str) -> tuple[ModelServer, GatedRuntime]:
     settings = parse_settings(
         ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
@@ -70,7 +62,7 @@ async def _start(model_dir: Path, *args: str) -> tuple[ModelServer, GatedRuntime
     )  # fmt: skip
     server = ModelServer(settings)
     await server.start()
-    await _until(lambda: server.health.serving)
+    await until(lambda: server.health.serving)
     model = server.manager.current
     assert model is not None
     gate = GatedRuntime(model.runtime)
@@ -102,7 +94,7 @@ async def test_callers_that_arrive_while_the_model_is_busy_share_one_call(
         first = asyncio.ensure_future(client.predict(x[0]))
         await gate.wait_entered()  # the model is busy with the first caller
         rest = [asyncio.ensure_future(client.predict(x[i])) for i in range(1, n)]
-        await _until(lambda: server.batcher.queued_images == n - 1)
+        await until(lambda: server.batcher.queued_images == n - 1)
         gate.open.set()
         digits = [(await first).digit] + [(await r).digit for r in rest]
     assert gate.batch_sizes == [1, n - 1]  # everyone who queued meanwhile: one call
@@ -119,11 +111,11 @@ async def test_a_request_whose_deadline_passes_while_queued_never_reaches_the_mo
         blocker = asyncio.ensure_future(client.predict(x[0]))
         await gate.wait_entered()
         doomed = asyncio.ensure_future(client.batch_predict(x[1:8], timeout=2.0))
-        await _until(lambda: server.batcher.queued_images == 7)  # queued before it expired
+        await until(lambda: server.batcher.queued_images == 7)  # queued before it expired
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await doomed
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await _until(lambda: server.batcher.queued_images == 0)  # the server let it go
+        await until(lambda: server.batcher.queued_images == 0)  # the server let it go
         gate.open.set()
         await blocker
         assert (await client.predict(x[9])).model_version == 1
@@ -141,11 +133,11 @@ async def test_cancelled_calls_never_reach_the_model_and_leave_nothing_behind(
         blocker = asyncio.ensure_future(client.predict(x[0]))
         await gate.wait_entered()
         doomed = [asyncio.ensure_future(client.batch_predict(x[:64])) for _ in range(8)]
-        await _until(lambda: server.batcher.queued_images == 8 * 64)
+        await until(lambda: server.batcher.queued_images == 8 * 64)
         for call in doomed:
             call.cancel()
         await asyncio.gather(*doomed, return_exceptions=True)
-        await _until(lambda: server.batcher.queued_images == 0 and server.calls.active == 1)
+        await until(lambda: server.batcher.queued_images == 0 and server.calls.active == 1)
         gate.open.set()
         await blocker
         assert len(await client.batch_predict(x[:3])) == 3
@@ -179,7 +171,7 @@ async def test_a_failed_batcher_thread_turns_the_server_not_serving(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await client.predict(np.zeros((28, 28), np.uint8))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        await _until(lambda: server.fatal.is_set())
+        await until(lambda: server.fatal.is_set())
         assert await client.health() == "NOT_SERVING"
     assert server.exit_code == EXIT_BATCHER_FAILED
 
@@ -223,7 +215,7 @@ async def test_calls_beyond_the_admission_limit_are_refused_at_once(
             held = [asyncio.ensure_future(client.predict(x[0]))]
             await gate.wait_entered()
             held += [asyncio.ensure_future(client.predict(x[i])) for i in (1, 2, 3)]
-            await _until(lambda: server.calls.active == 4)
+            await until(lambda: server.calls.active == 4)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await client.predict(x[4])
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -332,14 +324,14 @@ async def test_a_stream_stops_reading_at_its_window_and_gives_back_everything_on
             def in_flight() -> int:
                 return computing + server.batcher.queued_images
 
-            await _until(lambda: in_flight() == 8)
+            await until(lambda: in_flight() == 8)
             await asyncio.sleep(0.5)
             assert in_flight() == 8  # the window holds: nothing more was read
             assert server.calls.active == 1
             first_eight = sum(len(_stream_message(i, x[i].tobytes())) for i in range(8))
             assert server.calls.bytes == first_eight  # the bytes in flight are charged
             call.cancel()
-            await _until(lambda: server.calls.active == 0)
+            await until(lambda: server.calls.active == 0)
             assert server.batcher.queued_images == 0  # the cancelled stream let its places go
             assert server.calls.bytes == 0  # and its bytes
             gate.open.set()
@@ -370,9 +362,9 @@ async def test_a_drain_answers_every_image_read_then_ends_the_stream_unavailable
         call = _stream_call(channel)(messages())
         await sent.wait()
         await gate.wait_entered()
-        await _until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 20)
+        await until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 20)
         stopping = asyncio.ensure_future(server.stop())
-        await _until(lambda: server.draining)
+        await until(lambda: server.draining)
         gate.open.set()
         answers = []
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -401,7 +393,7 @@ async def test_a_stream_goes_on_across_a_hot_swap(
 
             stream = asyncio.ensure_future(collect())
             await gate.wait_entered()
-            await _until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 30)
+            await until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 30)
             shutil.copytree(trained_model_dir / "1", models / "2")
             assert await asyncio.to_thread(server.manager.refresh)  # version 2 now serves
             gate.open.set()
@@ -449,7 +441,7 @@ async def test_calls_of_every_protocol_share_one_model_call(
             ),
         ]
         tasks = [asyncio.ensure_future(c) for c in calls]
-        await _until(lambda: server.batcher.queued_images == 6)
+        await until(lambda: server.batcher.queued_images == 6)
         gate.open.set()
         await blocker
         results = await asyncio.gather(*tasks)

@@ -16,7 +16,7 @@ from mnist_client import AsyncDigitClient, DigitClient
 from mnist_client.timing import format_server_timing, parse_server_timing
 from server.app import ModelServer
 from server.settings import parse_settings
-from tests.conftest import ROOT, ServerProcess, start_server
+from tests.conftest import ROOT, ServerProcess, start_server, until
 
 
 def test_the_server_timing_syntax_round_trips() -> None:
@@ -83,11 +83,7 @@ async def test_spans_continue_the_callers_trace(
     server = ModelServer(settings, tracer_provider=server_provider)
     await server.start()
     try:
-        for _ in range(3000):
-            if server.health.serving:
-                break
-            await asyncio.sleep(0.01)
-        assert server.health.serving
+        await until(lambda: server.health.serving)
         caller = sdk_trace.TracerProvider().get_tracer("caller")
         async with AsyncDigitClient(f"127.0.0.1:{server.port}") as client:
             with caller.start_as_current_span("caller") as parent:
