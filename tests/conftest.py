@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -127,6 +129,33 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
+
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def missing(what: str, install: str) -> NoReturn:
+    """A tool a test needs is not here: a failure in CI (``.ci/run`` installs it), else a
+    skip that says how to install it."""
+    if IN_CI:
+        pytest.fail(f"{what} is not installed ({install})")
+    pytest.skip(f"{what} not installed ({install})")
+
+
+def need(tool: str, install: str | None = None) -> str:
+    """The path of ``tool`` on PATH, or :func:`missing`."""
+    return shutil.which(tool) or missing(tool, install or f"apt-get install {tool}")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free at the moment (bound at once, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [int(sock.getsockname()[1]) for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> bool:

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need
 
 
 def test_bench_smoke_produces_table_json_and_plot(
     trained_model_dir: Path, mnist_dir: Path, tmp_path: Path
 ) -> None:
-    if shutil.which("h2load") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("h2load is not installed (.ci/run installs nghttp2-client)")
-        pytest.skip("h2load not installed (apt-get install nghttp2-client)")
+    need("h2load", "apt-get install nghttp2-client")
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--model-dir", str(trained_model_dir),
          "--data-dir", str(mnist_dir), "--out", str(tmp_path)],

