@@ -66,12 +66,10 @@ def through_server(
     figures: dict[str, Any] = {"start_to_serving_s": round(running.start_to_serving_s, 2)}
     try:
         for name, method, callers, per_call in LOADS:
-            processes = max(1, min(os.cpu_count() or 1, callers // 32))
-            shares = [callers // processes + (i < callers % processes) for i in range(processes)]
-            plans = [sdk_bench.Plan(target, n, method, per_call, seconds, {"timeout": 60})
-                     for n in shares]  # fmt: skip
+            plans = sdk_bench.make_plans(target, callers, method, per_call, seconds,
+                                         {"timeout": 60})  # fmt: skip
             tally = sdk_bench.run(plans, data, show_progress=False)
-            figures[name] = sdk_bench.report(tally, seconds, processes, callers, method)
+            figures[name] = sdk_bench.report(tally, seconds, len(plans), callers, method)
     finally:
         stop(running)
     return figures

@@ -296,6 +296,18 @@ def _print(figures: dict[str, Any]) -> None:
     print("  errors            " + (", ".join(f"{k}={v}" for k, v in errors.items()) or "none"))
 
 
+def make_plans(target: str, callers: int, method: str, batch_size: int, duration: float,
+               client: dict[str, Any], processes: int = 0) -> list[Plan]:  # fmt: skip
+    """``callers`` split as evenly as can be over ``processes`` load processes (0: one per
+    :data:`CALLERS_PER_PROCESS` callers, at most one per core)."""
+    processes = processes or max(
+        1, min(os.cpu_count() or 1, math.ceil(callers / CALLERS_PER_PROCESS))
+    )
+    processes = min(processes, callers)
+    shares = [callers // processes + (i < callers % processes) for i in range(processes)]
+    return [Plan(target, n, method, batch_size, duration, client) for n in shares]
+
+
 def main(args: Any, client: dict[str, Any]) -> int:
     """The ``bench`` command of ``python -m mnist_client``; ``args`` from its parser."""
     if args.method not in METHODS:
@@ -312,16 +324,10 @@ def main(args: Any, client: dict[str, Any]) -> int:
             probe.health(timeout=10)
         except grpc.RpcError as err:
             raise SystemExit(f"cannot reach {args.target}: {err.code().name}") from None
-    processes = args.processes or max(
-        1, min(os.cpu_count() or 1, math.ceil(args.concurrency / CALLERS_PER_PROCESS))
-    )
-    processes = min(processes, args.concurrency)
-    shares = [args.concurrency // processes + (i < args.concurrency % processes)
-              for i in range(processes)]  # fmt: skip
-    plans = [Plan(args.target, n, args.method, args.batch_size, args.duration, client)
-             for n in shares]  # fmt: skip
+    plans = make_plans(args.target, args.concurrency, args.method, args.batch_size,
+                       args.duration, client, args.processes)  # fmt: skip
     tally = run(plans, args.data, show_progress=not args.quiet)
-    figures = report(tally, args.duration, processes, args.concurrency, args.method)
+    figures = report(tally, args.duration, len(plans), args.concurrency, args.method)
     _print(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
