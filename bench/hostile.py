@@ -24,11 +24,9 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,10 +35,12 @@ from typing import Any
 import grpc
 import grpc.aio
 import numpy as np
+from prometheus_client.samples import Sample
 
 from bench.h2load import SERVICE, Load, h2load, make_payloads
-from bench.targets import Running, Target, our_server, rss_mb, start, stop
+from bench.targets import Running, Target, metric_samples, our_server, rss_mb, start, stop
 from mnist_client import DigitClient
+from mnist_client.pb import digit_classifier_pb2 as pb
 
 EIGHT_MIB = 8 * 1024 * 1024
 HOSTILE = {
@@ -50,45 +50,29 @@ HOSTILE = {
 }
 
 
-def _metrics(running: Running) -> str:
-    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return str(resp.read().decode())
+def _metrics(running: Running) -> list[Sample]:
+    assert running.metrics_port is not None
+    return metric_samples(running.metrics_port)
 
 
-def _samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    """Every sample of ``name`` on a metrics page, keyed by its labels."""
-    out = {}
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        sample, value = line.rsplit(" ", 1)
-        labels = sample[len(name) :].strip("{}")
-        pairs = [kv.split("=", 1) for kv in labels.split(",") if kv]
-        out[frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
-    return out
-
-
-def _codes(text: str, method: str) -> Counter[str]:
+def _codes(samples: list[Sample], method: str) -> Counter[str]:
     counts: Counter[str] = Counter()
-    for labels, value in _samples(text, "mnist_requests_total").items():
-        d = dict(labels)
-        if d["method"] == method:
-            counts[d["code"]] += int(value)
+    for sample in samples:
+        if sample.name == "mnist_requests_total" and sample.labels["method"] == method:
+            counts[sample.labels["code"]] += int(sample.value)
     return counts
 
 
-def _quantile(before: str, after: str, method: str, code: str, q: float) -> float:
+def _quantile(before: list[Sample], after: list[Sample], method: str, code: str, q: float) -> float:
     """Server-side latency quantile of ``method`` calls answered ``code`` between two scrapes."""
-    name = "mnist_rpc_duration_seconds_bucket"
 
-    def buckets(text: str) -> dict[float, float]:
-        out = {}
-        for labels, value in _samples(text, name).items():
-            d = dict(labels)
-            if d["method"] == method and d["code"] == code:
-                out[float(d["le"])] = value
-        return out
+    def buckets(samples: list[Sample]) -> dict[float, float]:
+        return {
+            float(s.labels["le"]): s.value
+            for s in samples
+            if s.name == "mnist_rpc_duration_seconds_bucket"
+            and s.labels["method"] == method and s.labels["code"] == code
+        }  # fmt: skip
 
     b0, b1 = buckets(before), buckets(after)
     counts = sorted((le, b1[le] - b0.get(le, 0.0)) for le in b1)
@@ -186,11 +170,6 @@ def scenario_bodies(model_dir: Path, images: np.ndarray, workdir: Path) -> dict[
         stop(running)
 
 
-def _run_h2load(running: Running, load: Load, payload: Path, seconds: float,
-                workdir: Path) -> tuple[int, float, np.ndarray]:  # fmt: skip
-    return h2load(running.port, load, payload, seconds, 1.0, workdir)
-
-
 def scenario_overload(
     model_dir: Path, images: np.ndarray, workdir: Path, seconds: float
 ) -> dict[str, Any]:
@@ -201,12 +180,14 @@ def scenario_overload(
         _warm(f"127.0.0.1:{running.port}", images)
         base = rss_mb(running.proc.pid)
         m0 = _metrics(running)
-        _run_h2load(running, Load("c64", path, "predict", 64, 1), payloads["predict"], 5, workdir)
+        h2load(
+            running.port, Load("c64", path, "predict", 64, 1), payloads["predict"], 5, 1, workdir
+        )
         m1 = _metrics(running)
         samples, sampling = _rss_sampler(running.proc.pid)
-        n, secs, lat = _run_h2load(
-            running, Load("c1000", path, "predict", 1000, 1), payloads["predict"], seconds,
-            workdir,
+        n, secs, lat = h2load(
+            running.port, Load("c1000", path, "predict", 1000, 1), payloads["predict"], seconds,
+            1, workdir,
         )  # fmt: skip
         sampling.set()
         m2 = _metrics(running)
@@ -235,8 +216,8 @@ def scenario_flood(
         base = rss_mb(running.proc.pid)
         samples, sampling = _rss_sampler(running.proc.pid)
         m0 = _metrics(running)
-        _run_h2load(running, Load("flood", f"{SERVICE}/BatchPredict", "batch1024", 64, 1024),
-                    payloads["batch1024"], seconds, workdir)  # fmt: skip
+        h2load(running.port, Load("flood", f"{SERVICE}/BatchPredict", "batch1024", 64, 1024),
+               payloads["batch1024"], seconds, 1, workdir)  # fmt: skip
         m1 = _metrics(running)
         time.sleep(2)
         sampling.set()
@@ -258,7 +239,7 @@ def scenario_sigterm(model_dir: Path, images: np.ndarray, workdir: Path) -> dict
 
     def drive() -> None:
         try:
-            _, _, lat = _run_h2load(running, load, payloads["predict"], 8, workdir)
+            _, _, lat = h2load(running.port, load, payloads["predict"], 8, 1, workdir)
             result["p99_ms_before"] = float(np.percentile(lat, 99)) if len(lat) else None
         except RuntimeError:
             pass  # h2load reports the closed connections
@@ -281,12 +262,13 @@ def scenario_deadlines(model_dir: Path, images: np.ndarray, workdir: Path) -> di
     target = f"127.0.0.1:{running.port}"
     try:
         _warm(target, images)
-        background = subprocess.Popen(
-            ["h2load", "-t", "1", "-c", "8", "-m", "8", "-D", "12", "-d",
-             str(payloads["predict"]), "-H", "content-type: application/grpc",
-             "-H", "te: trailers", f"http://127.0.0.1:{running.port}{SERVICE}/Predict"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        background_load = Load("c64", f"{SERVICE}/Predict", "predict", 64, 1)
+        background = threading.Thread(
+            target=h2load,
+            args=(running.port, background_load, payloads["predict"], 12, 0, workdir),
+            daemon=True,
+        )  # all OK: its calls do not count among the failures compared below
+        background.start()
         time.sleep(2)
         by_deadline: dict[str, Any] = {}
 
@@ -294,7 +276,7 @@ def scenario_deadlines(model_dir: Path, images: np.ndarray, workdir: Path) -> di
             seen: Counter[str] = Counter()
             async with grpc.aio.insecure_channel(target) as channel:
                 predict = channel.unary_unary(f"{SERVICE}/Predict")  # type: ignore[call-arg]
-                body = _predict_body(images[0])
+                body = pb.PredictRequest(image=images[0].tobytes()).SerializeToString()
                 await predict(body)  # connected: the calls below are not slowed by a handshake
 
                 async def one() -> None:
@@ -319,14 +301,10 @@ def scenario_deadlines(model_dir: Path, images: np.ndarray, workdir: Path) -> di
                 f"client saw {dict(seen)}; server counted failures {counted}; "
                 f"unseen {failed - counted}"
             )
-        background.wait(30)
+        background.join(30)
         return by_deadline
     finally:
         stop(running)
-
-
-def _predict_body(image: np.ndarray) -> bytes:
-    return b"\x0a\x90\x06" + image.tobytes()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

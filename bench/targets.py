@@ -16,6 +16,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
 from server.ready_file import wait_for_ready_file
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -128,23 +131,29 @@ def rss_mb(*pids: int) -> float:
     return total
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The few counters the benchmark needs from our server's metrics page."""
+def metric_samples(port: int) -> list[Sample]:
+    """Every sample on our server's metrics page, read by prometheus-client's own parser."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The few counters the benchmark needs from our server's metrics page."""
     out = {"ok": 0.0, "err": 0.0, "cancelled": 0.0, "batches": 0.0, "batched_images": 0.0,
            "busy": 0.0}  # fmt: skip
-    for line in text.splitlines():
-        if line.startswith("mnist_requests_total{"):
+    for sample in metric_samples(port):
+        if sample.name == "mnist_requests_total":
             # h2load cancels the requests in flight when its time is up: not server errors
-            key = "ok" if 'code="OK"' in line else "cancelled" if "CANCELLED" in line else "err"
-            out[key] += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("mnist_batch_size_images_count "):
-            out["batches"] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("mnist_batch_size_images_sum "):
-            out["batched_images"] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(("mnist_queue_images ", "mnist_inflight_requests{")):
-            out["busy"] += float(line.rsplit(" ", 1)[1])
+            code = sample.labels["code"]
+            key = "ok" if code == "OK" else "cancelled" if code == "CANCELLED" else "err"
+            out[key] += sample.value
+        elif sample.name == "mnist_batch_size_images_count":
+            out["batches"] = sample.value
+        elif sample.name == "mnist_batch_size_images_sum":
+            out["batched_images"] = sample.value
+        elif sample.name in ("mnist_queue_images", "mnist_inflight_requests"):
+            out["busy"] += sample.value
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_client import AsyncDigitClient
 from server.ready_file import read_ready_file, wait_for_ready_file
@@ -110,15 +111,10 @@ class ServerProcess:
 
     def metric_or_none(self, name: str, **labels: str) -> float | None:
         """The value of one sample on the metrics page, or None when it is not there."""
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in self.metrics().splitlines():
-            if line.startswith("#"):
-                continue
-            sample, _, value = line.rpartition(" ")
-            base, _, label_text = sample.partition("{")
-            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if base == name and got == want:
-                return float(value)
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
         return None
 
     def ready(self) -> dict[str, object]:
