@@ -20,11 +20,9 @@ import numpy as np
 
 def _images(data_dir: Path | None) -> np.ndarray:
     """1,024 real test digits when the data is at hand, else seeded random bytes."""
-    if data_dir is not None:
-        from training.data import load_idx_dir
+    from mnist_client.bench import load_images
 
-        return load_idx_dir(data_dir).x_test[:1024]
-    return np.random.default_rng(0).integers(0, 256, (1024, 28, 28), dtype=np.uint8)
+    return load_images(data_dir, 1024)[0]
 
 
 def _print_table(result: dict[str, Any], ratios: dict[str, float]) -> None:
