@@ -15,12 +15,9 @@ import numpy as np
 from mnist_client import idx
 from mnist_client.contract import IMAGE_SHAPE, NUM_CLASSES
 
-_IMAGES_NDIM = idx.IMAGES_NDIM
-_LABELS_NDIM = idx.LABELS_NDIM
-
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    "test": (idx.TEST_IMAGES, idx.TEST_LABELS),
 }
 
 
@@ -93,8 +90,8 @@ def load_idx_dir(data_dir: Path) -> Mnist:
     checksums: dict[str, str] = {}
     for split, (img_stem, lbl_stem) in SPLITS.items():
         img_path, lbl_path = _find(data_dir, img_stem), _find(data_dir, lbl_stem)
-        images = read_idx(img_path, _IMAGES_NDIM)
-        labels = read_idx(lbl_path, _LABELS_NDIM)
+        images = read_idx(img_path, idx.IMAGES_NDIM)
+        labels = read_idx(lbl_path, idx.LABELS_NDIM)
         _check_pair(images, labels, img_path, lbl_path)
         arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
         checksums[img_path.name] = _sha256(img_path)
