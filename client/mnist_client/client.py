@@ -183,46 +183,26 @@ class _StreamRequests:
         self._next_id = 0
         self.error: Exception | None = None
 
-    def _message(self, image: Any) -> pb.PredictStreamRequest | None:
-        try:
-            message = pb.PredictStreamRequest(id=self._next_id, image=to_image_bytes(image))
-        except Exception as err:
-            self.error = err
-            return None
+    def _message(self, image: Any) -> pb.PredictStreamRequest:
+        message = pb.PredictStreamRequest(id=self._next_id, image=to_image_bytes(image))
         self._next_id += 1
         return message
 
     def of(self, images: Iterable[Any]) -> Iterator[pb.PredictStreamRequest]:
         """Messages for an iterable of images."""
-        source = iter(images)
-        while True:
-            try:
-                image = next(source)
-            except StopIteration:
-                return
-            except Exception as err:
-                self.error = err
-                return
-            message = self._message(image)
-            if message is None:
-                return
-            yield message
+        try:
+            for image in images:
+                yield self._message(image)
+        except Exception as err:  # the caller's: kept, raised after the answers
+            self.error = err
 
     async def of_async(self, images: AsyncIterable[Any]) -> AsyncIterator[pb.PredictStreamRequest]:
         """Messages for an async iterable of images."""
-        source = aiter(images)
-        while True:
-            try:
-                image = await anext(source)
-            except StopAsyncIteration:
-                return
-            except Exception as err:
-                self.error = err
-                return
-            message = self._message(image)
-            if message is None:
-                return
-            yield message
+        try:
+            async for image in images:
+                yield self._message(image)
+        except Exception as err:  # the caller's: kept, raised after the answers
+            self.error = err
 
 
 def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
