@@ -9,7 +9,7 @@ import asyncio
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -70,12 +70,30 @@ async def _start(model_dir: Path, *args: str) -> tuple[ModelServer, GatedRuntime
     return server, gate
 
 
+StartGated = Callable[..., Awaitable[tuple[ModelServer, GatedRuntime]]]
+
+
 @pytest.fixture
-async def gated(trained_model_dir: Path) -> AsyncIterator[tuple[ModelServer, GatedRuntime]]:
-    server, gate = await _start(trained_model_dir)
-    yield server, gate
-    gate.open.set()
-    await server.stop()
+async def start_gated(trained_model_dir: Path) -> AsyncIterator[StartGated]:
+    """Starts gated servers (``start_gated(*flags, model_dir=...)``); at the end of the test
+    opens every gate and stops every server."""
+    started: list[tuple[ModelServer, GatedRuntime]] = []
+
+    async def start(
+        *args: str, model_dir: Path = trained_model_dir
+    ) -> tuple[ModelServer, GatedRuntime]:
+        started.append(await _start(model_dir, *args))
+        return started[-1]
+
+    yield start
+    for server, gate in started:
+        gate.open.set()
+        await server.stop()
+
+
+@pytest.fixture
+async def gated(start_gated: StartGated) -> tuple[ModelServer, GatedRuntime]:
+    return await start_gated()
 
 
 def _target(server: ModelServer) -> str:
@@ -146,16 +164,13 @@ async def test_cancelled_calls_never_reach_the_model_and_leave_nothing_behind(
 
 
 async def test_a_lone_request_never_waits_for_a_batch_to_fill(
-    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+    start_gated: StartGated, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    server, gate = await _start(trained_model_dir, "--batch-timeout-ms", "60000")
-    try:
-        async with AsyncDigitClient(_target(server), timeout=20) as client:
-            for image in mnist_test[0][:5]:  # a minute's wait each would time out
-                await client.predict(image)
-        assert gate.batch_sizes == [1] * 5
-    finally:
-        await server.stop()
+    server, gate = await start_gated("--batch-timeout-ms", "60000")
+    async with AsyncDigitClient(_target(server), timeout=20) as client:
+        for image in mnist_test[0][:5]:  # a minute's wait each would time out
+            await client.predict(image)
+    assert gate.batch_sizes == [1] * 5
 
 
 async def test_a_failed_batcher_thread_turns_the_server_not_serving(
@@ -205,59 +220,55 @@ def test_a_process_whose_batcher_fails_exits_non_zero(
 
 
 async def test_calls_beyond_the_admission_limit_are_refused_at_once(
-    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+    start_gated: StartGated, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    server, gate = await _start(trained_model_dir, "--max-concurrent-rpcs", "4")
+    server, gate = await start_gated("--max-concurrent-rpcs", "4")
     x, _ = mnist_test
-    try:
-        async with AsyncDigitClient(_target(server)) as client:
-            gate.close()
-            held = [asyncio.ensure_future(client.predict(x[0]))]
-            await gate.wait_entered()
-            held += [asyncio.ensure_future(client.predict(x[i])) for i in (1, 2, 3)]
-            await until(lambda: server.calls.active == 4)
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await client.predict(x[4])
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "4 calls in flight, limit 4" in (info.value.details() or "")
-            gate.open.set()
-            assert len(await asyncio.gather(*held)) == 4  # the admitted ones are all answered
-        assert server.calls.answered["RESOURCE_EXHAUSTED"] == 1
-        assert (
-            server.metrics.registry.get_sample_value(
-                "mnist_requests_total", {"method": "Predict", "code": "RESOURCE_EXHAUSTED"}
-            )
-            == 1
-        )
-    finally:
+    async with AsyncDigitClient(_target(server)) as client:
+        gate.close()
+        held = [asyncio.ensure_future(client.predict(x[0]))]
+        await gate.wait_entered()
+        held += [asyncio.ensure_future(client.predict(x[i])) for i in (1, 2, 3)]
+        await until(lambda: server.calls.active == 4)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.predict(x[4])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "4 calls in flight, limit 4" in (info.value.details() or "")
         gate.open.set()
-        await server.stop()
+        assert len(await asyncio.gather(*held)) == 4  # the admitted ones are all answered
+    assert server.calls.answered["RESOURCE_EXHAUSTED"] == 1
+    assert (
+        server.metrics.registry.get_sample_value(
+            "mnist_requests_total", {"method": "Predict", "code": "RESOURCE_EXHAUSTED"}
+        )
+        == 1
+    )
 
 
 async def test_request_bytes_beyond_the_budget_are_refused(
-    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+    start_gated: StartGated, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    server, gate = await _start(
-        trained_model_dir, "--max-images-per-request", "100", "--max-message-bytes", "100000",
-        "--max-inflight-bytes", "100000",
-    )  # fmt: skip
+    server, gate = await start_gated(
+        "--max-images-per-request",
+        "100",
+        "--max-message-bytes",
+        "100000",
+        "--max-inflight-bytes",
+        "100000",
+    )
     x, _ = mnist_test
-    try:
-        async with AsyncDigitClient(_target(server)) as client:
-            gate.close()
-            held = asyncio.ensure_future(client.batch_predict(x[:100]))  # 78,700 bytes
-            await gate.wait_entered()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await client.batch_predict(x[100:200])
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "request bytes in flight, limit 100000" in (info.value.details() or "")
-            gate.open.set()
-            assert len(await held) == 100
-            assert len(await client.batch_predict(x[100:200])) == 100  # budget given back
-        assert server.calls.bytes == 0
-    finally:
+    async with AsyncDigitClient(_target(server)) as client:
+        gate.close()
+        held = asyncio.ensure_future(client.batch_predict(x[:100]))  # 78,700 bytes
+        await gate.wait_entered()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.batch_predict(x[100:200])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "request bytes in flight, limit 100000" in (info.value.details() or "")
         gate.open.set()
-        await server.stop()
+        assert len(await held) == 100
+        assert len(await client.batch_predict(x[100:200])) == 100  # budget given back
+    assert server.calls.bytes == 0
 
 
 # --- PredictStream
@@ -308,40 +319,36 @@ async def test_a_stream_gives_unary_answers_and_a_bad_image_fails_alone(
 
 
 async def test_a_stream_stops_reading_at_its_window_and_gives_back_everything_on_cancel(
-    trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+    start_gated: StartGated, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    server, gate = await _start(trained_model_dir, "--max-stream-images", "8")
+    server, gate = await start_gated("--max-stream-images", "8")
     x, _ = mnist_test
-    try:
-        async with grpc.aio.insecure_channel(_target(server)) as channel:
-            gate.close()
-            call = _stream_call(channel)(
-                iter([_stream_message(i, x[i % 100].tobytes()) for i in range(500)])
-            )  # a sender that never reads its answers
-            await gate.wait_entered()
-            computing = len(gate.calls[0])  # the first images read share the first call
+    async with grpc.aio.insecure_channel(_target(server)) as channel:
+        gate.close()
+        call = _stream_call(channel)(
+            iter([_stream_message(i, x[i % 100].tobytes()) for i in range(500)])
+        )  # a sender that never reads its answers
+        await gate.wait_entered()
+        computing = len(gate.calls[0])  # the first images read share the first call
 
-            def in_flight() -> int:
-                return computing + server.batcher.queued_images
+        def in_flight() -> int:
+            return computing + server.batcher.queued_images
 
-            await until(lambda: in_flight() == 8)
-            await asyncio.sleep(0.5)
-            assert in_flight() == 8  # the window holds: nothing more was read
-            assert server.calls.active == 1
-            first_eight = sum(len(_stream_message(i, x[i].tobytes())) for i in range(8))
-            assert server.calls.bytes == first_eight  # the bytes in flight are charged
-            call.cancel()
-            await until(lambda: server.calls.active == 0)
-            assert server.batcher.queued_images == 0  # the cancelled stream let its places go
-            assert server.calls.bytes == 0  # and its bytes
-            gate.open.set()
-        reg = server.metrics.registry
-        assert reg.get_sample_value("mnist_queue_images") == 0
-        assert reg.get_sample_value("mnist_inflight_requests", {"method": "PredictStream"}) == 0
-        assert server.calls.answered["CANCELLED"] == 1
-    finally:
+        await until(lambda: in_flight() == 8)
+        await asyncio.sleep(0.5)
+        assert in_flight() == 8  # the window holds: nothing more was read
+        assert server.calls.active == 1
+        first_eight = sum(len(_stream_message(i, x[i].tobytes())) for i in range(8))
+        assert server.calls.bytes == first_eight  # the bytes in flight are charged
+        call.cancel()
+        await until(lambda: server.calls.active == 0)
+        assert server.batcher.queued_images == 0  # the cancelled stream let its places go
+        assert server.calls.bytes == 0  # and its bytes
         gate.open.set()
-        await server.stop()
+    reg = server.metrics.registry
+    assert reg.get_sample_value("mnist_queue_images") == 0
+    assert reg.get_sample_value("mnist_inflight_requests", {"method": "PredictStream"}) == 0
+    assert server.calls.answered["CANCELLED"] == 1
 
 
 async def test_a_drain_answers_every_image_read_then_ends_the_stream_unavailable(
@@ -376,35 +383,34 @@ async def test_a_drain_answers_every_image_read_then_ends_the_stream_unavailable
 
 
 async def test_a_stream_goes_on_across_a_hot_swap(
-    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+    trained_model_dir: Path,
+    start_gated: StartGated,
+    tmp_path: Path,
+    mnist_test: tuple[np.ndarray, np.ndarray],
 ) -> None:
     import shutil
 
     models = tmp_path / "models"
     shutil.copytree(trained_model_dir / "1", models / "1")
-    server, gate = await _start(models, "--poll-seconds", "3600")
+    server, gate = await start_gated("--poll-seconds", "3600", model_dir=models)
     x, _ = mnist_test
-    try:
-        async with AsyncDigitClient(_target(server)) as client:
-            gate.close()
+    async with AsyncDigitClient(_target(server)) as client:
+        gate.close()
 
-            async def collect() -> list:  # type: ignore[type-arg]
-                return [r async for r in client.predict_stream(x[:30])]
+        async def collect() -> list:  # type: ignore[type-arg]
+            return [r async for r in client.predict_stream(x[:30])]
 
-            stream = asyncio.ensure_future(collect())
-            await gate.wait_entered()
-            await until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 30)
-            shutil.copytree(trained_model_dir / "1", models / "2")
-            assert await asyncio.to_thread(server.manager.refresh)  # version 2 now serves
-            gate.open.set()
-            answers = await stream
-        versions = {r.id: r.prediction.model_version for r in answers}
-        assert sorted(versions) == list(range(30))
-        first = {i for i, v in versions.items() if v == 1}
-        assert len(first) == len(gate.calls[0]) and set(versions.values()) == {1, 2}
-    finally:
+        stream = asyncio.ensure_future(collect())
+        await gate.wait_entered()
+        await until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 30)
+        shutil.copytree(trained_model_dir / "1", models / "2")
+        assert await asyncio.to_thread(server.manager.refresh)  # version 2 now serves
         gate.open.set()
-        await server.stop()
+        answers = await stream
+    versions = {r.id: r.prediction.model_version for r in answers}
+    assert sorted(versions) == list(range(30))
+    first = {i for i, v in versions.items() if v == 1}
+    assert len(first) == len(gate.calls[0]) and set(versions.values()) == {1, 2}
 
 
 async def test_calls_of_every_protocol_share_one_model_call(
