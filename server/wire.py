@@ -3,12 +3,12 @@
 Requests are read straight from their bytes, without building protobuf objects, for two
 reasons:
 
-* **Hostile bodies.** The server refuses unknown fields and wrong wire types (gRPC's own
-  deserializer would keep unknown fields silently, or answer INTERNAL). protobuf's Python API
-  can only find them by parsing the whole message and then building an ``UnknownFieldSet``:
-  work and memory proportional to the body, on the event loop, even when the first field is
-  already wrong. Here reading stops at the first problem, so refusing a hostile 8 MiB body
-  costs the same as refusing a 3-byte one.
+* **Hostile bodies.** Unknown fields are skipped, as proto3 wants (a caller built from a newer
+  ``.proto`` keeps working), but at most :data:`MAX_UNKNOWN_FIELDS` of them: a body of a
+  million unknown fields is refused after the first few, without building protobuf's
+  ``UnknownFieldSet`` (work and memory proportional to the body, on the event loop). A
+  known field with the wrong wire type, a repeated singular field or a malformed byte stops
+  the reading at once, so refusing a hostile 8 MiB body costs the same as a 3-byte one.
 * **Cost per request.** A well-formed Predict body is exactly 787 bytes (tag, length 784,
   pixels); recognising it is one comparison, and its pixels are used in place. A BatchPredict
   of 784-byte images is checked with one vectorised numpy comparison.
@@ -30,6 +30,9 @@ from mnist_client.contract import IMAGE_BYTES, IMAGE_SHAPE, NUM_CLASSES
 from server.errors import InvalidArgument
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+# unknown fields skipped in one message before it is refused: enough for any newer .proto,
+# too few for a body of unknown fields to cost more than a glance
+MAX_UNKNOWN_FIELDS = 64
 _WIRE_NAMES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 4: "group", 5: "32-bit"}
 _LITTLE_F32 = np.dtype("<f4")
 
@@ -87,18 +90,25 @@ class Fields:
         field (positions in ``data``).
 
         A varint field gives its ``value``; a length-delimited one its bytes ``data[start:end]``.
-        Stops at the first unknown field, wrong wire type or malformed byte with
-        INVALID_ARGUMENT, so a hostile body costs only as much as its first problem.
+        Unknown fields are skipped (up to :data:`MAX_UNKNOWN_FIELDS`); a known field with the
+        wrong wire type or a malformed byte stops the walk with INVALID_ARGUMENT, so a
+        hostile body costs only as much as its first problem.
         """
         n = len(data)
+        unknown = 0
         while pos < n:
             key, pos = read_varint(data, pos, self.message)
             number, wire = key >> 3, key & 7
             spec = self.fields.get(number)
             if spec is None:
-                raise InvalidArgument(
-                    f"unknown field number {number} in {self.message}; this server speaks mnist.v1"
-                )
+                unknown += 1
+                if unknown > MAX_UNKNOWN_FIELDS:
+                    raise InvalidArgument(
+                        f"more than {MAX_UNKNOWN_FIELDS} unknown fields in {self.message} "
+                        f"(field number {number}); this server speaks mnist.v1"
+                    )
+                pos = self._skip(data, pos, number, wire)
+                continue
             if wire != spec[1]:
                 raise InvalidArgument(
                     f"{self.message}.{spec[0]} (field {number}) has the wrong type "
@@ -113,6 +123,25 @@ class Fields:
                 if pos > n:
                     raise InvalidArgument(f"request is not a valid mnist.v1.{self.message} message")
                 on_field(number, length, start, pos)
+
+
+    def _skip(self, data: bytes, pos: int, number: int, wire: int) -> int:
+        """The position after an unknown field's value (which starts at ``pos``)."""
+        if wire == _VARINT:
+            return read_varint(data, pos, self.message)[1]
+        if wire == _LEN:
+            length, pos = read_varint(data, pos, self.message)
+            end = pos + length
+        elif wire in (_I64, _I32):
+            end = pos + (8 if wire == _I64 else 4)
+        else:  # groups (3, 4) do not exist in proto3; 6 and 7 are no wire type at all
+            raise InvalidArgument(
+                f"field {number} in {self.message} has wire type "
+                f"{_WIRE_NAMES.get(wire, str(wire))}, which proto3 has not"
+            )
+        if end > len(data):
+            raise InvalidArgument(f"request is not a valid mnist.v1.{self.message} message")
+        return end
 
 
 PREDICT_REQUEST = Fields("PredictRequest", {1: ("image", _LEN)})

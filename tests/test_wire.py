@@ -91,7 +91,8 @@ def test_batch_responses_are_protobufs_bytes(n: int, data: st.DataObject) -> Non
     ("message", "fields"),
     [
         (b"\x08\x05", "image (field 1) has the wrong type (varint)"),
-        (b"\x78\x01", "unknown field number 15 in PredictRequest"),
+        (b"\x7b\x7c", "field 15 in PredictRequest has wire type group, which proto3 has not"),
+        (b"\x7a\x05ab", "not a valid mnist.v1.PredictRequest"),  # unknown, cut short
         (b"\x0a\xff\xff", "not a valid mnist.v1.PredictRequest"),
         (b"\x0a\x05ab", "not a valid mnist.v1.PredictRequest"),
         (b"\xff" * 11, "not a valid mnist.v1.PredictRequest"),  # a varint that never ends
@@ -106,13 +107,13 @@ def test_malformed_predict_requests(message: bytes, fields: str) -> None:
     ("parse", "body", "message"),
     [
         # protobuf would build a million-entry UnknownFieldSet for each of these
-        (wire.parse_predict, b"\x10\x01" * (EIGHT_MIB // 2), "unknown field number 2"),
-        (wire.parse_predict, b"\x15\0\0\0\0" * (EIGHT_MIB // 5), "unknown field number 2"),
+        (wire.parse_predict, b"\x10\x01" * (EIGHT_MIB // 2), "more than 64 unknown fields"),
+        (wire.parse_predict, b"\x15\0\0\0\0" * (EIGHT_MIB // 5), "more than 64 unknown"),
         (lambda b: wire.parse_batch_predict(b, 4096), b"\x0a\x00" * (EIGHT_MIB // 2),
          "images[0] has 0 bytes"),
         (lambda b: wire.parse_batch_predict(b, 4096),
          (b"\x0a\x90\x06" + bytes(784)) * 10 + b"\x10\x01" * (EIGHT_MIB // 2),
-         "unknown field number 2"),
+         "more than 64 unknown fields in BatchPredictRequest"),
         (lambda b: wire.parse_batch_predict(b, 4096), (b"\x0a\x90\x06" + bytes(784)) * 10_000,
          "10000 images in one request, limit 4096"),
     ],
@@ -132,7 +133,33 @@ def test_hostile_bodies_are_refused_at_their_first_problem(
     with pytest.raises(InvalidArgument) as info:
         parse(body)
     assert message in info.value.message
-    assert steps <= 4, f"{steps} fields read from an 8 MiB body before refusing it"
+    limit = 2 * wire.MAX_UNKNOWN_FIELDS + 4  # a key and a value per skipped field
+    assert steps <= limit, f"{steps} fields read from an 8 MiB body before refusing it"
+
+
+# one unknown field of each wire type, as a caller built from a newer .proto would send
+NEWER_FIELDS = b"".join((
+    b"\x78\x96\x01",  # field 15, varint 150
+    b"\x81\x01" + bytes(8),  # field 16, 64-bit
+    b"\x8a\x01\x03abc",  # field 17, length-delimited
+    b"\x95\x01" + bytes(4),  # field 18, 32-bit
+))  # fmt: skip
+
+
+def test_unknown_fields_are_skipped_as_protobuf_skips_them() -> None:
+    image = bytes(range(256)) * 3 + bytes(16)
+    predict = NEWER_FIELDS + pb.PredictRequest(image=image).SerializeToString() + NEWER_FIELDS
+    assert pb.PredictRequest.FromString(predict).image == image
+    assert wire.parse_predict(predict).tobytes() == image
+    batch = pb.BatchPredictRequest(images=[image, image]).SerializeToString()
+    mixed = batch[:787] + NEWER_FIELDS + batch[787:]
+    assert wire.parse_batch_predict(mixed, 10).tobytes() == image * 2
+    stream = NEWER_FIELDS + pb.PredictStreamRequest(id=7, image=image).SerializeToString()
+    request_id, got = wire.parse_stream_request(stream)
+    assert (request_id, got.tobytes()) == (7, image)
+    wire.parse_empty(NEWER_FIELDS)  # GetModelInfoRequest: every field is unknown
+    with pytest.raises(InvalidArgument, match="more than 64 unknown fields"):
+        wire.parse_empty(NEWER_FIELDS * 17)
 
 
 @settings(max_examples=200, deadline=None)
