@@ -60,6 +60,20 @@ STREAMS = {
 }
 
 
+def _pending_limit(limit: int) -> list[tuple[str, int]]:
+    """gRPC's own limit on calls waiting for the event loop to take them up (0: gRPC's
+    default). Overload queues there, ahead of any Python code, because the event loop takes
+    one call at a time off gRPC's queue; past the limit gRPC drops new calls itself, at no
+    cost to the server (early, at random, from half the limit on). The callers see CANCELLED:
+    gRPC's C core (1.85) answers so, and no server code sees those calls."""
+    if not limit:
+        return []
+    return [
+        ("grpc.server.max_pending_requests", max(1, limit // 2)),
+        ("grpc.server.max_pending_requests_hard_limit", limit),
+    ]
+
+
 def _package_version() -> str:
     try:
         return importlib.metadata.version("mnist-serving")
@@ -87,7 +101,7 @@ class ModelServer:
 
             self.tracing = Tracing(tracer_provider or otlp_provider(), tuple(STREAMS))
         self.metrics = ServerMetrics()
-        self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes)
+        self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes, s.max_open_streams)
         self.manager = ModelManager(
             s.model_dir,
             self.metrics,
@@ -105,11 +119,7 @@ class ModelServer:
             on_failure=self._batcher_failed,
             # calls taken in that have not reached the batcher yet (a stream is not one: its
             # images come on their own schedule)
-            arriving=lambda: (
-                self.calls.active
-                - sum(self.calls.active_by_method[label] for label in STREAMS.values())
-                - self.batcher.unresolved
-            ),
+            arriving=lambda: self.calls.unary - self.batcher.unresolved,
         )
         # a call that ends without reaching the batcher may be what a filling batch waits for
         self.calls.on_finish = self.batcher.poke
@@ -163,7 +173,14 @@ class ModelServer:
         services: dict[str, dict[str, rpc.Method]] = {
             service: {
                 name: rpc.UnaryMethod(
-                    prefix + name, impl, self.calls, self.metrics, auth, timing, tracing
+                    prefix + name,
+                    impl,
+                    self.calls,
+                    self.metrics,
+                    auth,
+                    timing,
+                    tracing,
+                    read_timeout=s.read_timeout_seconds,
                 )
                 for name, impl in impls.items()
             }
@@ -177,6 +194,7 @@ class ModelServer:
                 label, codec, self.batcher, self.calls, self.metrics, auth,
                 window=s.max_stream_images, precondition=self.manager.serving_model,
                 tracing=tracing, path=f"/{path}", server_timing=timing,
+                read_timeout=s.read_timeout_seconds, idle_timeout=s.stream_idle_seconds,
             )  # fmt: skip
         return services
 
@@ -199,6 +217,7 @@ class ModelServer:
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+                *_pending_limit(s.max_pending_calls),
                 # workers share the port; a lone server must fail on a port already taken
                 ("grpc.so_reuseport", 1 if self.worker is not None else 0),
             ],

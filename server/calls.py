@@ -1,11 +1,16 @@
 """The RPC lifecycle's own counts: admission, calls in flight, answers given, and the drain.
 
-Every prediction call passes :meth:`CallTracker.admit` the moment it arrives, before its body
-is read: past ``max_calls`` calls in flight, or once the server is draining, it is refused at
-once (RESOURCE_EXHAUSTED, UNAVAILABLE) instead of waiting inside gRPC and the event loop.
-Once read, its body is charged against ``max_bytes``; a call that would exceed the budget is
-refused and its bytes freed. So the memory held by accepted calls is bounded however many
-clients connect, and overload turns into fast refusals, not latency.
+A unary prediction call is admitted (:meth:`CallTracker.admit`) once its request message has
+arrived, never before: a call that sends headers and no body holds no place that another
+caller needs, and it is ended after ``--read-timeout-seconds`` (``server.rpc``). Past
+``max_calls`` unary calls in flight, or once the server is draining, a call is refused at
+once (RESOURCE_EXHAUSTED, UNAVAILABLE). Streams have a budget of their own (``max_streams``
+open at once) and are admitted when they open; an idle one is ended (``server.streams``).
+
+Request bytes are charged against ``max_bytes`` (what a request expands to, where that is
+more than its wire bytes); a call that would exceed the budget is refused and its bytes
+freed. So the memory and work held by accepted calls is bounded however many clients
+connect, and overload turns into fast refusals, not latency.
 
 The drain reads these counts, never the metrics: metrics observe the server, this steers it.
 """
@@ -22,10 +27,13 @@ from server.errors import ResourceExhausted, Unavailable
 class CallTracker:
     """Counts of calls by method: in flight now, answered so far by status code."""
 
-    def __init__(self, max_calls: int, max_bytes: int) -> None:
+    def __init__(self, max_calls: int, max_bytes: int, max_streams: int = 128) -> None:
         self.max_calls = max_calls
         self.max_bytes = max_bytes
-        self.active = 0
+        self.max_streams = max_streams
+        self.active = 0  # unary calls and streams admitted and not finished
+        self.streams = 0  # of those, streams
+        self.reading = 0  # unary calls waiting for their request message (not admitted yet)
         self.active_by_method: collections.Counter[str] = collections.Counter()
         self.bytes = 0
         self.answered: collections.Counter[str] = collections.Counter()  # by status code name
@@ -34,14 +42,31 @@ class CallTracker:
         self._drain_listeners: set[Callable[[], None]] = set()  # streams that must stop reading
         self.on_finish: Callable[[], None] | None = None  # called after every admitted call
 
-    def admit(self, method: str) -> None:
-        """Take a call in, or refuse it at once. Every admitted call must :meth:`finish`."""
+    @property
+    def unary(self) -> int:
+        """Unary calls admitted and not finished."""
+        return self.active - self.streams
+
+    def check_open(self) -> None:
+        """UNAVAILABLE while draining: a new call is refused before anything is read."""
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
-        if self.active >= self.max_calls:
+
+    def admit(self, method: str, stream: bool = False) -> None:
+        """Take a call in (a unary call with its request read, or a stream as it opens), or
+        refuse it at once. Every admitted call must :meth:`finish`."""
+        self.check_open()
+        if stream:
+            if self.streams >= self.max_streams:
+                raise ResourceExhausted(
+                    f"server busy: {self.streams} streams open, limit {self.max_streams}; "
+                    "retry later, or send unary calls"
+                )
+            self.streams += 1
+        elif self.active - self.streams >= self.max_calls:
             raise ResourceExhausted(
-                f"server overloaded: {self.active} calls in flight, limit {self.max_calls}; "
-                "retry later"
+                f"server overloaded: {self.active - self.streams} calls in flight, limit "
+                f"{self.max_calls}; retry later"
             )
         self.active += 1
         self.active_by_method[method] += 1
@@ -59,11 +84,13 @@ class CallTracker:
         """Give back what :meth:`charge` took."""
         self.bytes -= size
 
-    def finish(self, method: str, code: str, admitted: bool) -> None:
+    def finish(self, method: str, code: str, admitted: bool, stream: bool = False) -> None:
         """Record one answered call (admitted or refused at the door)."""
         self.answered[code] += 1
         if admitted:
             self.active -= 1
+            if stream:
+                self.streams -= 1
             self.active_by_method[method] -= 1
             if self.active == 0 and self._idle is not None:
                 self._idle.set()

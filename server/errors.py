@@ -8,13 +8,36 @@ from __future__ import annotations
 
 import grpc
 
+# The longest message a caller is sent: a message names the first problem, never a list of
+# them, and it goes in a header (grpc-message) that clients refuse past their metadata limit.
+MAX_MESSAGE_CHARS = 300
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    cut = limit - 30
+    return f"{text[:cut]}... ({len(text) - cut} more characters)"
+
+
+def quoted(value: object, limit: int = 64) -> str:
+    """A caller's value (a name, a label) quoted for an error message, at most ``limit``
+    characters of it."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return repr(text)
+
 
 class ServiceError(Exception):
-    """An error a caller can act on: its ``code`` and ``message`` go to the caller as they are."""
+    """An error a caller can act on: its ``code`` and ``message`` go to the caller (the
+    message bounded to :data:`MAX_MESSAGE_CHARS`)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 

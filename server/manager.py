@@ -4,7 +4,9 @@ The manager owns the current :class:`~server.versions.LoadedModel`. ``predict`` 
 per batch, so swapping is one reference assignment: the batch already running finishes on the
 old version and the next batch uses the new one. New versions are loaded, warmed up and
 checked beside the current one (in a worker thread) before the swap; a version that fails is
-recorded and skipped until its files change, and the current version keeps serving.
+recorded and skipped until its files change, and the current version keeps serving. A version
+still being written (:class:`~server.versions.VersionIncomplete`) is no failure: it is
+looked at again whenever its files change.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ import numpy as np
 
 from server.errors import Unavailable
 from server.metrics import ServerMetrics
-from server.versions import LoadedModel, ModelLoadError, list_versions, load_version
+from server.versions import (
+    LoadedModel,
+    ModelLoadError,
+    VersionIncomplete,
+    list_versions,
+    load_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +39,7 @@ log = logging.getLogger(__name__)
 class LoadFailure:
     version: int
     reason: str
-    stamp: float  # mtime of the version folder when it failed; a change retries it
+    stamp: tuple[int, ...]  # the version's files when it failed; a change retries it
 
 
 class ModelManager:
@@ -56,6 +64,7 @@ class ModelManager:
         # the served model with its compute-time histogram: one reference, swapped atomically
         self._serving: tuple[LoadedModel, Any] | None = None
         self._failures: dict[int, LoadFailure] = {}
+        self._incomplete: dict[int, tuple[int, ...]] = {}  # version -> its stamp then
         self.last_failure: LoadFailure | None = None
         self._load_lock = threading.Lock()
 
@@ -104,12 +113,16 @@ class ModelManager:
                     model = load_version(
                         self.model_dir, wanted, self.runtime, self.threads, self.max_batch
                     )
+                except VersionIncomplete as err:
+                    self._record_incomplete(wanted, str(err))
+                    continue  # looked at again once its files change
                 except ModelLoadError as err:
                     self._record_failure(wanted, str(err))
                     continue  # the failure is remembered: the next pass tries another
                 # the swap: one reference, read once per batch
                 self._serving = (model, self._metrics.compute_seconds.labels(model.device))
                 self._failures.pop(wanted, None)
+                self._incomplete.pop(wanted, None)
                 self._metrics.model_loads.labels("ok").inc()
                 self._metrics.set_model(model, previous)
                 if current is not None:
@@ -138,19 +151,32 @@ class ModelManager:
             candidates = versions
         for version in reversed(candidates):
             failure = self._failures.get(version)
-            if failure is None or failure.stamp != self._stamp(version):
+            stamp = self._stamp(version)
+            passed_over = (failure is not None and failure.stamp == stamp) or (
+                self._incomplete.get(version) == stamp
+            )
+            if not passed_over:
                 return version
             current = self.current
             if current is not None and version <= current.version:
                 break
         return None
 
-    def _stamp(self, version: int) -> float:
+    def _stamp(self, version: int) -> tuple[int, ...]:
+        """What changes when any file of the version is added, removed, grown or rewritten."""
         try:
             path = self.model_dir / str(version)
-            return max(p.stat().st_mtime for p in [path, *path.iterdir()])
-        except (OSError, ValueError):
-            return 0.0
+            stats = [p.stat() for p in [path, *path.rglob("*")]]
+        except OSError:
+            return (0,)
+        return (len(stats), max(st.st_mtime_ns for st in stats), sum(st.st_size for st in stats))
+
+    def _record_incomplete(self, version: int, reason: str) -> None:
+        stamp = self._stamp(version)
+        if version not in self._incomplete:
+            log.info("%s; waiting for it (still serving %s)", reason,
+                     self.current.version if self.current else "nothing")  # fmt: skip
+        self._incomplete[version] = stamp
 
     def _record_failure(self, version: int, reason: str) -> None:
         failure = LoadFailure(version, reason, self._stamp(version))

@@ -1,97 +1,65 @@
 """The metrics port: ``/metrics`` for Prometheus, ``/readyz`` and ``/healthz`` for load balancers.
 
-Bounded, unlike prometheus-client's own ``start_http_server`` (one thread per connection,
-no timeouts): at most ``max_connections`` connections are served at once (more are closed at
-once), each has ``timeout`` seconds to send its request and read the answer, and a TLS
-handshake happens on the connection's own thread, never on the accepting one. With a token,
-``/metrics`` wants ``Authorization: Bearer <token>``; the probes stay open, as gRPC health
-does. The pages come from prometheus-client's WSGI app over the standard library's server.
+An asyncio HTTP/1.1 server on a thread of its own, so a connection that is open but silent
+costs a coroutine, not a thread: 300 half-open connections (or thousands) cannot keep a probe
+from being answered. Each connection has ``timeout`` seconds to send its request head (at
+most 16 KiB) and read the answer, then it is closed; past ``max_connections`` open at once
+the oldest is closed to make room for the newest, so whoever holds connections open cannot
+keep others out. TLS handshakes run on the same loop, bounded by the same timeout. Every
+answer closes its connection (``Connection: close``), which Prometheus and probes handle.
+
+With a token, ``/metrics`` wants ``Authorization: Bearer <token>``; the probes stay open, as
+gRPC health does. The page itself is prometheus-client's (its encoder chosen from the
+``Accept`` header, gzip when asked, ``name[]`` to select series).
+
+Hand-written over ``asyncio.start_server`` rather than a web framework: the standard
+library's threaded server (one thread per connection) is what half-open connections
+exhausted, and no framework bounds the time to read a request head, which is the whole point.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import hmac
 import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
 
-StartResponse = Callable[..., Any]
-WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+MAX_HEAD_BYTES = 16 * 1024
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 405: "Method Not Allowed",
+            503: "Service Unavailable"}  # fmt: skip
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("metrics: " + format, *args)
+class _BadRequest(Exception):
+    pass
 
 
-class _BoundedServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        max_connections: int,
-        timeout: float,
-        tls: ssl.SSLContext | None,
-    ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._timeout = timeout
-        self._tls = tls
-        super().__init__(address, _QuietHandler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):  # full: refuse rather than queue
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            request.settimeout(self._timeout)
-            if self._tls is not None:
-                request = self._tls.wrap_socket(request, server_side=True)
-            super().process_request_thread(request, client_address)
-        except (OSError, ssl.SSLError):
-            self.shutdown_request(request)
-        finally:
-            self._slots.release()
-
-
-def _app(registry: CollectorRegistry, token: bytes | None, ready: Callable[[], bool]) -> WsgiApp:
-    metrics_app = make_wsgi_app(registry)
-    expected = b"Bearer " + token if token is not None else None
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path in ("/readyz", "/healthz"):
-            ok = path == "/healthz" or ready()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain")])  # fmt: skip
-            return [b"ok\n" if ok else b"not serving\n"]
-        if expected is not None:
-            presented = environ.get("HTTP_AUTHORIZATION", "").encode()
-            if not hmac.compare_digest(presented, expected):
-                start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer")])
-                return [b"unauthorized\n"]
-        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-
-    return app
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """Method, target and headers (lower-case names) of an HTTP/1.x request head."""
+    try:
+        text = head.decode("latin-1")
+        request_line, *lines = text.split("\r\n")
+        method, target, version = request_line.split(" ")
+    except ValueError:
+        raise _BadRequest from None
+    if not version.startswith("HTTP/1."):
+        raise _BadRequest
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return method, target, headers
 
 
 class MetricsServer:
@@ -107,23 +75,111 @@ class MetricsServer:
         token: bytes | None = None,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
-        max_connections: int = 16,
+        max_connections: int = 1024,
         timeout: float = 5.0,
     ) -> None:
-        tls = None
+        self._tls: ssl.SSLContext | None = None
         if tls_cert is not None and tls_key is not None:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(tls_cert, tls_key)
-        self._server = _BoundedServer((host, port), max_connections, timeout, tls)
-        self._server.set_app(_app(registry, token, ready))
-        self.port: int = self._server.server_port
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
-        )
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(tls_cert, tls_key)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            self._sock = socket.create_server((host, port), family=family, backlog=1024)
+        except OSError as err:
+            raise OSError(err.errno, f"metrics port {host}:{port}: {err.strerror}") from None
+        self.port: int = self._sock.getsockname()[1]
+        self._registry = registry
+        self._ready = ready
+        self._expected = b"Bearer " + token if token is not None else None
+        self._max_connections = max_connections
+        self._timeout = timeout
+        # open connections, oldest first: the oldest is closed when a new one needs room
+        self._open: dict[asyncio.StreamWriter, None] = {}
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
 
     def start(self) -> None:
+        started = threading.Event()
+        self._loop.call_soon(started.set)
         self._thread.start()
+        started.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(
+                self._handle, sock=self._sock, ssl=self._tls,
+                ssl_handshake_timeout=self._timeout if self._tls else None,
+                limit=MAX_HEAD_BYTES,
+            )
+        )  # fmt: skip
+        self._loop.run_forever()
+        self._loop.close()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if not self._thread.is_alive():
+            self._sock.close()
+            return
+
+        def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._open):
+                writer.close()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(shutdown)
+        self._thread.join(10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= self._max_connections:
+            oldest = next(iter(self._open))
+            self._open.pop(oldest)
+            oldest.close()
+        self._open[writer] = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status, headers, body = self._answer(*_parse_head(head))
+                except (_BadRequest, asyncio.LimitOverrunError):
+                    status, headers, body = 400, [("Content-Type", "text/plain")], b"bad request\n"
+                lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}"]
+                lines += [f"{name}: {value}" for name, value in headers]
+                lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+                writer.write("\r\n".join(lines).encode("latin-1") + body)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass  # a silent, slow or vanished client: its connection is closed below
+        except Exception:  # never let one connection take the port down
+            log.exception("metrics port: answering a request failed")
+        finally:
+            self._open.pop(writer, None)
+            writer.close()
+
+    def _answer(
+        self, method: str, target: str, headers: dict[str, str]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, [("Allow", "GET, HEAD")], b""
+        url = urlsplit(target)
+        text = [("Content-Type", "text/plain")]
+        if url.path in ("/readyz", "/healthz"):
+            ok = url.path == "/healthz" or self._ready()
+            return (200, text, b"ok\n") if ok else (503, text, b"not serving\n")
+        if self._expected is not None:
+            presented = headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(presented, self._expected):
+                return 401, [("WWW-Authenticate", "Bearer")], b"unauthorized\n"
+        registry = self._registry
+        names = parse_qs(url.query).get("name[]")
+        if names:
+            registry = registry.restricted_registry(names)  # type: ignore[assignment]
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        body = encoder(registry)
+        out = [("Content-Type", content_type)]
+        if "gzip" in headers.get("accept-encoding", ""):
+            body = gzip.compress(body)
+            out.append(("Content-Encoding", "gzip"))
+        return 200, out, b"" if method == "HEAD" else body

@@ -5,10 +5,12 @@ requests are read by :mod:`server.wire`, strictly, and responses are written the
 
 A unary method is registered as a *stream-unary* handler that reads its one request itself.
 gRPC then runs the handler the moment the call arrives, instead of after the body is
-received: admission is decided before the body is read, and a call that is cancelled or
-runs out of deadline while its body is still arriving is counted like any other (with a
-plain unary handler gRPC drops such calls before any server code sees them, and no metric
-shows them). For the client nothing changes: it is the same HTTP/2 exchange.
+received: a draining server or a wrong token refuses the call before its body is read, a
+body that does not arrive within ``--read-timeout-seconds`` ends the call, and a call that
+is cancelled or runs out of deadline while its body is still arriving is counted like any
+other (with a plain unary handler gRPC drops such calls before any server code sees them,
+and no metric shows them). The call takes its place among the calls in flight only once its
+body has arrived. For the client nothing changes: it is the same HTTP/2 exchange.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from mnist_client.timing import HEADER as TIMING_HEADER
 from mnist_client.timing import format_server_timing
 from server.batcher import Answer
 from server.calls import CallTracker
-from server.errors import InvalidArgument, ServiceError, Unauthenticated
+from server.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unauthenticated
 from server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -40,13 +42,21 @@ log = logging.getLogger(__name__)
 class Call:
     """What a method implementation gets besides the request bytes."""
 
-    __slots__ = ("answer", "context", "deadline", "images")
+    __slots__ = ("answer", "calls", "charged", "context", "deadline", "images")
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, calls: CallTracker) -> None:
         self.context = context
+        self.calls = calls
         self.deadline = deadline_of(context)
         self.images = 0  # set by the implementation once it knows, for the metrics
         self.answer: Answer | None = None  # the batcher's, for the server-timing trailer
+        self.charged = 0  # bytes charged beyond the request's own, given back at its end
+
+    def charge(self, size: int) -> None:
+        """Charge ``size`` more bytes to the server's byte budget for this call (what its
+        request expands to), or refuse it with RESOURCE_EXHAUSTED."""
+        self.calls.charge(size)
+        self.charged += size
 
 
 UnaryImpl = Callable[[bytes, Call], Awaitable[bytes]]
@@ -143,6 +153,7 @@ class UnaryMethod:
         auth: Authenticator,
         server_timing: bool = True,
         tracing: Tracing | None = None,
+        read_timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.impl = impl
@@ -151,6 +162,7 @@ class UnaryMethod:
         self.auth = auth
         self.server_timing = server_timing
         self.tracing = tracing
+        self.read_timeout = read_timeout  # seconds for the request message to arrive
 
     async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
@@ -162,15 +174,14 @@ class UnaryMethod:
         raw = b""
         try:
             async with outcome:
-                calls.admit(self.name)
-                admitted = True
+                calls.check_open()
                 self.auth.check(context)
-                raw = await context.read()
-                if not isinstance(raw, bytes):  # the stream ended before one whole message
-                    raise InvalidArgument("the call carried no complete request message")
+                raw = await self._read(context)
+                calls.admit(self.name)  # only now: a call without a body holds no place
+                admitted = True
                 calls.charge(len(raw))
                 size = len(raw)  # charged: given back in `finally`
-                call = Call(context)
+                call = Call(context, calls)
                 response = await self.impl(raw, call)
                 answer = call.answer
                 if answer is not None and self.tracing is not None:
@@ -184,12 +195,32 @@ class UnaryMethod:
                 return response
         finally:
             raw = b""  # this frame outlives the call in an error's traceback: not the body
+            if call is not None:
+                size += call.charged
             if size:
                 calls.release(size)
             calls.finish(self.name, outcome.code, admitted)
             images = call.images if call is not None else 0
             self.metrics.observe_rpc(self.name, outcome.code, images, time.perf_counter() - started)
         raise AssertionError("unreachable: an error leaves through context.abort")
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> bytes:
+        """The request message, or DEADLINE_EXCEEDED once ``read_timeout`` has passed."""
+        calls = self.calls
+        calls.reading += 1
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                raw = await context.read()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no complete request message within {self.read_timeout:g} s "
+                "(--read-timeout-seconds); the call is ended"
+            ) from None
+        finally:
+            calls.reading -= 1
+        if not isinstance(raw, bytes):  # the stream ended before one whole message
+            raise InvalidArgument("the call carried no complete request message")
+        return raw
 
     def rpc_handler(self) -> grpc.RpcMethodHandler:
         """The handler to register (stream-unary: see the module docstring)."""

@@ -43,6 +43,10 @@ class Settings:
     max_message_bytes: int = 8 * 1024 * 1024
     max_concurrent_streams: int = 1024
     max_concurrent_rpcs: int = 256
+    max_pending_calls: int = 0
+    read_timeout_seconds: float = 10.0
+    max_open_streams: int = 128
+    stream_idle_seconds: float = 60.0
     max_stream_images: int = 256
     server_timing: str = "on"
     tracing: str = "off"
@@ -80,6 +84,10 @@ class Settings:
             problems.append("--tracing must be off or otlp")
         if self.max_concurrent_rpcs < 1 or self.max_stream_images < 1:
             problems.append("--max-concurrent-rpcs and --max-stream-images must be >= 1")
+        if self.max_pending_calls < 0 or self.max_open_streams < 1:
+            problems.append("--max-pending-calls must be >= 0, --max-open-streams >= 1")
+        if self.read_timeout_seconds <= 0 or self.stream_idle_seconds <= 0:
+            problems.append("--read-timeout-seconds and --stream-idle-seconds must be > 0")
         if self.max_inflight_bytes < self.max_message_bytes:
             problems.append("--max-inflight-bytes must be >= --max-message-bytes")
         if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
@@ -122,8 +130,18 @@ HELP = {
     "max_concurrent_streams": "most concurrent RPCs per HTTP/2 connection",
     "max_concurrent_rpcs": "most prediction RPCs in flight over all connections; beyond this "
     "new calls get RESOURCE_EXHAUSTED at once",
-    "max_inflight_bytes": "most request bytes held by calls in flight; beyond this new calls "
-    "get RESOURCE_EXHAUSTED",
+    "max_pending_calls": "most calls waiting inside gRPC for the event loop to take them up "
+    "(0 = gRPC's default); beyond this gRPC itself drops new calls, at no cost to the server, "
+    "and their callers see CANCELLED (see Limits)",
+    "read_timeout_seconds": "a call whose request message (a stream's first message) has not "
+    "arrived after this long is ended with DEADLINE_EXCEEDED; until its message arrives a "
+    "call holds no place among the calls in flight",
+    "max_open_streams": "most streams open at once (PredictStream, KServe ModelStreamInfer), "
+    "a budget apart from --max-concurrent-rpcs; beyond this new streams get RESOURCE_EXHAUSTED",
+    "stream_idle_seconds": "a stream with nothing in flight that sends nothing for this long "
+    "is ended with DEADLINE_EXCEEDED",
+    "max_inflight_bytes": "most request bytes held by calls in flight (what a request expands "
+    "to, where that is more); beyond this new calls get RESOURCE_EXHAUSTED",
     "server_timing": "on: every prediction answers with a server-timing trailer (queue, "
     "compute and total ms, batch size, version); off: none",
     "tracing": "otlp: OpenTelemetry spans per call (with queue and compute children) to the OTLP "

@@ -20,6 +20,10 @@ Contract of one stream:
   with UNAVAILABLE; either way only after every image already read has been answered.
 * A cancelled or broken stream gives back everything it holds (queue places, bytes, its
   in-flight count).
+* Streams have a budget of their own (``--max-open-streams``), apart from unary calls. A
+  stream with nothing in flight that sends no message for ``read_timeout`` seconds (before
+  its first message) or ``idle_timeout`` seconds (after it) is ended with
+  DEADLINE_EXCEEDED, so idle streams cannot keep the budget from callers that use it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 
 from server.batcher import Answer, DynamicBatcher, Pending
 from server.calls import CallTracker
-from server.errors import Internal, ServiceError, Unavailable
+from server.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from server.metrics import ServerMetrics
 from server.rpc import Authenticator, Outcome, deadline_of
 
@@ -95,6 +99,8 @@ class StreamMethod:
         tracing: Tracing | None = None,
         path: str = "",
         server_timing: bool = True,
+        read_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
     ) -> None:
         self.name = name
         self.codec = codec
@@ -107,6 +113,8 @@ class StreamMethod:
         self.tracing = tracing
         self.path = path  # "/service/Method", for its span
         self.server_timing = server_timing  # answers carry where their time went
+        self.read_timeout = read_timeout  # seconds for the first message, nothing in flight
+        self.idle_timeout = idle_timeout  # seconds for any later one, nothing in flight
         self.ok_images = metrics.images.labels(name, "OK")
 
     async def handle(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
@@ -116,7 +124,7 @@ class StreamMethod:
         admitted = False
         try:
             async with outcome:
-                self.calls.admit(self.name)
+                self.calls.admit(self.name, stream=True)
                 admitted = True
                 self.auth.check(context)
                 self.precondition()
@@ -126,7 +134,7 @@ class StreamMethod:
                     with self.tracing.stream_span(self.path, context.invocation_metadata()):
                         await _Stream(self, context).run()
         finally:
-            self.calls.finish(self.name, outcome.code, admitted)
+            self.calls.finish(self.name, outcome.code, admitted, stream=True)
             self.metrics.observe_rpc(self.name, outcome.code, 0, time.perf_counter() - started)
 
     def rpc_handler(self) -> grpc.RpcMethodHandler:
@@ -152,6 +160,9 @@ class _Stream:
         self.draining = False
         self.reading = False  # the reader waits for the next message
         self.reader: asyncio.Task[None] | None = None
+        self.messages = 0  # read so far
+        self.idle_timer: asyncio.TimerHandle | None = None  # set while idle (see _arm_idle)
+        self.idled_out = False
 
     async def run(self) -> None:
         self.reader = reader = asyncio.get_running_loop().create_task(self._read())
@@ -160,16 +171,45 @@ class _Stream:
             await self._write_until_done(reader)
             if self.draining:
                 raise Unavailable("server is shutting down; every image read was answered")
+            if self.idled_out:
+                if self.messages == 0:
+                    what, limit = "first message", f"{self.m.read_timeout:g} s (--read-timeout"
+                else:
+                    what, limit = "message", f"{self.m.idle_timeout:g} s (--stream-idle"
+                raise DeadlineExceeded(
+                    f"the stream sent no {what} for {limit}-seconds) with nothing in flight; "
+                    "it is ended"
+                )
             error = None if reader.cancelled() else reader.exception()
             if error is not None:
                 raise error
         finally:
+            self._disarm_idle()
             self.m.calls.off_drain(self._drain)
             if not reader.done():
                 reader.cancel()
             for pending in self.pending:
                 self.m.batcher.abandon(pending)
             self.m.calls.release(self.held_bytes)  # what was never answered
+
+    def _arm_idle(self) -> None:
+        """Start the idle clock: the reader waits and nothing is in flight."""
+        if self.idle_timer is None and self.reading and self.in_flight == 0:
+            limit = self.m.idle_timeout if self.messages else self.m.read_timeout
+            self.idle_timer = asyncio.get_running_loop().call_later(limit, self._idle_out)
+
+    def _disarm_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _idle_out(self) -> None:
+        """The stream was idle too long: stop reading; it ends DEADLINE_EXCEEDED."""
+        self.idle_timer = None
+        self.idled_out = True
+        if self.reader is not None:
+            self.reader.cancel()
+        self.ready.set()
 
     def _drain(self) -> None:
         """Stop reading (the server is going away); what was read is still answered."""
@@ -191,6 +231,8 @@ class _Stream:
                 calls.release(size)
                 if self.in_flight < self.m.window:
                     self.room.set()
+                if self.in_flight == 0:
+                    self._arm_idle()
             if (reader.done() or self.draining) and self.in_flight == 0:
                 return
             self.ready.clear()
@@ -211,12 +253,15 @@ class _Stream:
                 await self.room.wait()
                 continue
             self.reading = True
+            self._arm_idle()
             try:
                 raw = await read()
             finally:
                 self.reading = False
+                self._disarm_idle()
             if not isinstance(raw, bytes):
                 return  # the caller closed its side
+            self.messages += 1
             read_at = time.perf_counter()
             try:
                 key, images = codec.read(raw)

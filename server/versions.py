@@ -2,7 +2,16 @@
 
 A model directory holds integer versions (``MODEL_DIR/1/``, ``MODEL_DIR/2/``, ...) as the
 contract in :mod:`mnist_client.contract` describes. Other names (``.tmp-*`` folders of a
-version being written, a version folder that has no model file yet) are ignored.
+version being written) are ignored.
+
+**When a version is complete.** Its ``metadata.json`` is there, and every file its ``files``
+entry lists is there with the size and SHA-256 recorded (training writes the metadata last,
+after every other file, and then renames the whole folder into place). Until then the
+version is *incomplete*: it is not loaded, not counted as failed, and looked at again
+whenever its files change, so a folder copied file by file, in any order, slowly, is never
+served half-written, and metadata that arrives last is read with the rest. Versions exported
+before ``files`` existed are complete once their metadata is there and the exported model
+files have the sizes it records; the file a runtime loads is checked against its SHA-256.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_client.contract import METADATA_FILE, MODEL_FILES, ContractError, check_metadata
+from mnist_client.contract import METADATA_FILE, ContractError, check_metadata
 from server.runtimes import RUNTIMES, Runtime, RuntimeUnusable, load_runtime
 from server.runtimes import litert as litert_runtime
 from server.verify import (
@@ -32,14 +41,20 @@ from server.verify import (
 log = logging.getLogger(__name__)
 
 EXPORTS_KEY = "exports"  # metadata: {file name: {"sha256": ..., "max_abs_diff": ...}}
+FILES_KEY = "files"  # metadata: {relative path: {"sha256": ..., "bytes": ...}}, every file
 
 
 class ModelLoadError(Exception):
     """A version cannot be loaded, or fails its checks; the message says why (one line)."""
 
 
+class VersionIncomplete(ModelLoadError):
+    """A version is still being written (see the module docstring); not a failure."""
+
+
 def list_versions(model_dir: Path) -> list[int]:
-    """Complete versions in ``model_dir``, ascending (a version is a folder with a model file)."""
+    """Version folders in ``model_dir`` that hold anything, ascending (complete or not yet:
+    :func:`load_version` tells)."""
     if not model_dir.is_dir():
         return []
     versions = []
@@ -47,17 +62,58 @@ def list_versions(model_dir: Path) -> list[int]:
         if (
             child.name.isascii()
             and child.name.isdigit()
-            and any((child / f).is_file() for f in MODEL_FILES)
+            and child.is_dir()
+            and any(child.iterdir())
         ):
             versions.append(int(child.name))
     return sorted(versions)
 
 
+def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """``files`` for the metadata: every file under ``folder`` but the metadata itself, by
+    relative path, with its size and SHA-256."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != METADATA_FILE:
+            data = path.read_bytes()
+            files[path.relative_to(folder).as_posix()] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+            }
+    return files
+
+
+def check_complete(path: Path, metadata: dict[str, Any]) -> None:
+    """Raise :class:`VersionIncomplete` while a listed file is missing or short, and
+    :class:`ModelLoadError` when a whole file differs from its recorded SHA-256."""
+    listed = metadata.get(FILES_KEY)
+    if listed is None:  # exported before FILES_KEY: the exported files' sizes
+        listed = {name: entry for name, entry in metadata.get(EXPORTS_KEY, {}).items()}
+    for name, entry in listed.items():
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None:
+            raise VersionIncomplete(f"{name} is not there yet")
+        if "bytes" in entry and size != entry["bytes"]:
+            raise VersionIncomplete(f"{name} has {size} of {entry['bytes']} bytes")
+    for name, entry in metadata.get(FILES_KEY, {}).items():
+        if hashlib.sha256((path / name).read_bytes()).hexdigest() != entry["sha256"]:
+            raise ModelLoadError(f"{name} does not match the sha256 in {METADATA_FILE}")
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
-    """A version's ``metadata.json`` (empty when absent), checked against the contract."""
+    """A version's ``metadata.json``, checked against the contract.
+
+    Raises:
+        VersionIncomplete: there is no metadata yet.
+        ModelLoadError: it is unreadable or describes another contract.
+    """
     meta_path = path / METADATA_FILE
     if not meta_path.is_file():
-        return {}
+        raise VersionIncomplete(
+            f"no {METADATA_FILE} yet (a version is complete once its {METADATA_FILE}, "
+            "written last, is there and lists its files)"
+        )
     try:
         data = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
@@ -121,6 +177,7 @@ def load_version(
     started = time.perf_counter()
     try:
         metadata = read_metadata(path)
+        check_complete(path, metadata)
         loaded = load_runtime(runtime, path, threads, max_batch)
         _check_checksum(path, loaded.source, metadata)
         probes = Probes.for_version(path, _warmup_sizes(loaded))
@@ -129,6 +186,8 @@ def load_version(
 
             check_same_answers(loaded.predict, tensorflow.load(path).predict, probes)
         check_outputs(loaded.predict, probes, float(metadata.get("golden_min_accuracy", 0.9)))
+    except VersionIncomplete as err:
+        raise VersionIncomplete(f"version {version} is incomplete: {err}") from err
     except (RuntimeUnusable, CheckFailed, ModelLoadError) as err:
         raise ModelLoadError(f"version {version}: {err}") from err
     except Exception as err:  # a corrupt file can make a runtime raise anything

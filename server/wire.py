@@ -124,7 +124,6 @@ class Fields:
                     raise InvalidArgument(f"request is not a valid mnist.v1.{self.message} message")
                 on_field(number, length, start, pos)
 
-
     def _skip(self, data: bytes, pos: int, number: int, wire: int) -> int:
         """The position after an unknown field's value (which starts at ``pos``)."""
         if wire == _VARINT:

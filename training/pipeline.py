@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_client.contract import GOLDEN_FILE, METADATA_FILE, signature_block
+from server.versions import FILES_KEY, file_checksums
 from training import export
 from training.artifacts import write_model_files
 from training.data import Mnist
@@ -215,6 +216,8 @@ def _write_version(
         version = int(claimed.name)
         metadata["version"] = version
         metadata["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        # last: what makes the version complete for a server (server.versions)
+        metadata[FILES_KEY] = file_checksums(staging)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         return version, export.publish(staging, config.model_dir, version), metadata
     except BaseException:

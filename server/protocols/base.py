@@ -7,7 +7,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from mnist_client.contract import IMAGE_SHAPE, INPUT_NAME
-from server.errors import InvalidArgument, NotFound
+from server.errors import InvalidArgument, NotFound, quoted
 from server.manager import ModelManager
 from server.versions import LoadedModel
 from server.wire import check_count
@@ -33,8 +33,10 @@ def image_count(shape: list[int], max_images: int) -> int:
     """N of an input tensor's shape ``[N, 28, 28]``; another shape, or too many images, is
     INVALID_ARGUMENT (before any image is read)."""
     if len(shape) != 3 or shape[1:] != list(IMAGE_SHAPE) or shape[0] < 1:
+        shown = shape if len(shape) <= 4 else [*shape[:4], "..."]
         raise InvalidArgument(
-            f"input '{INPUT_NAME}' has shape {shape}, expected [-1, 28, 28] (N images)"
+            f"input '{INPUT_NAME}' has shape {shown}; a request's shape is [N, 28, 28] with its "
+            "image count N >= 1 (-1 stands for any N in the metadata only)"
         )
     check_count(shape[0], max_images)
     return shape[0]
@@ -55,10 +57,13 @@ class ServedModel:
             Unavailable: no version is loaded yet.
         """
         if name != self.name:
-            raise NotFound(f"model '{name}' is not served here; this server serves '{self.name}'")
+            raise NotFound(
+                f"model {quoted(name)} is not served here; this server serves '{self.name}'"
+            )
         model = self._manager.serving_model()
         if version and version != str(model.version):
             raise NotFound(
-                f"version {version} of model '{name}' is not served; version {model.version} is"
+                f"version {quoted(version)} of model '{name}' is not served; "
+                f"version {model.version} is"
             )
         return model

@@ -38,7 +38,7 @@ from mnist_client.contract import (
 from mnist_client.timing import HEADER as TIMING_HEADER
 from mnist_client.timing import format_server_timing
 from server.batcher import Answer, DynamicBatcher
-from server.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from server.errors import InvalidArgument, NotFound, ServiceError, Unavailable, quoted
 from server.metrics import Duration, InferenceStats
 from server.protocols.base import ServedModel, image_count, parse
 from server.protocols.pb import open_inference_grpc_pb2 as oip
@@ -182,8 +182,8 @@ class KServe:
         for output in request.outputs:
             if output.name != OUTPUT_NAME:
                 raise InvalidArgument(
-                    f"output '{output.name}' is not known; model '{self._model.name}' gives "
-                    f"'{OUTPUT_NAME}'"
+                    f"output {quoted(output.name)} is not known; model '{self._model.name}' "
+                    f"gives '{OUTPUT_NAME}'"
                 )
         _classes(request)  # a bad classification parameter fails before any compute
         return _images(request, self._settings.max_images_per_request)
@@ -223,15 +223,22 @@ def _duration(d: Duration) -> triton.StatisticDuration:
 
 def _images(request: oip.ModelInferRequest, max_images: int) -> np.ndarray:
     """The request's ``images`` input as uint8 ``[N, 28, 28]``."""
-    if [t.name for t in request.inputs] != [INPUT_NAME]:
-        raise InvalidArgument(
-            f"inputs {[t.name for t in request.inputs]} do not match the model's: "
-            f"one input '{INPUT_NAME}'"
-        )
-    tensor = request.inputs[0]
+    inputs = request.inputs
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        if not inputs:
+            problem = "the request has no input"
+        else:  # the first wrong one: the message names one problem, not the caller's list
+            wrong = next((t.name for t in inputs if t.name != INPUT_NAME), INPUT_NAME)
+            problem = (
+                f"input {quoted(wrong)} is not known" if wrong != INPUT_NAME
+                else f"{len(inputs)} inputs were sent"
+            )  # fmt: skip
+        raise InvalidArgument(f"{problem}; the model has one input '{INPUT_NAME}'")
+    tensor = inputs[0]
     if tensor.datatype != "UINT8":
         raise InvalidArgument(
-            f"input '{INPUT_NAME}' has datatype {tensor.datatype or '(none)'}, expected UINT8"
+            f"input '{INPUT_NAME}' has datatype {quoted(tensor.datatype or '(none)')}, "
+            "expected UINT8"
         )
     shape = list(tensor.shape)
     n = image_count(shape, max_images)

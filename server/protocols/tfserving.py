@@ -19,6 +19,8 @@ As TensorFlow Serving does:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from mnist_client.contract import (
@@ -32,7 +34,7 @@ from mnist_client.contract import (
     SIGNATURE,
 )
 from server.batcher import DynamicBatcher
-from server.errors import InvalidArgument, NotFound, Unimplemented
+from server.errors import InvalidArgument, NotFound, Unimplemented, bounded
 from server.protocols.base import ServedModel, image_count, parse
 from server.protocols.pb import tensorflow_core_pb2 as tf
 from server.protocols.pb import tensorflow_serving_pb2 as tfs
@@ -69,9 +71,12 @@ class TFServing:
 
     def _served(self, spec: tfs.ModelSpec) -> LoadedModel:
         if spec.version_label:  # no labels are assigned here
-            raise InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
+            raise InvalidArgument(
+                f"Unrecognized servable version label: {bounded(spec.version_label, 64)}"
+            )
         version = spec.version.value if spec.HasField("version") else None
-        request = f"Latest({spec.name})" if version is None else f"Specific({spec.name}, {version})"
+        name = bounded(spec.name, 64)
+        request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
         try:
             model = self._model.get(spec.name)
         except NotFound:
@@ -80,8 +85,8 @@ class TFServing:
             raise NotFound(f"Servable not found for request: {request}")
         if spec.signature_name not in ("", SIGNATURE):
             raise InvalidArgument(
-                f"Serving signature name: '{spec.signature_name}' not found in signature def; "
-                f"this model has '{SIGNATURE}'"
+                f"Serving signature name: '{bounded(spec.signature_name, 64)}' not found in "
+                f"signature def; this model has '{SIGNATURE}'"
             )
         return model
 
@@ -96,10 +101,11 @@ class TFServing:
         for name in request.output_filter:
             if name != OUTPUT_NAME:
                 raise InvalidArgument(
-                    f"output tensor alias not found in signature: {name}. Outputs expected to "
+                    f"output tensor alias not found in signature: {bounded(name, 64)}. Outputs "
+                    f"expected to "
                     f"be in the set {{{OUTPUT_NAME}}}."
                 )
-        images = _images(request, self._settings.max_images_per_request)
+        images = _images(request, self._settings.max_images_per_request, call.charge)
         call.images = len(images)
         answer = call.answer = await self._batcher.submit(images, call.deadline)
         probs, versions = answer.probabilities, answer.versions
@@ -120,7 +126,7 @@ class TFServing:
             )
         for field in request.metadata_field:
             if field != "signature_def":
-                raise InvalidArgument(f"Metadata field {field} is not supported")
+                raise InvalidArgument(f"Metadata field {bounded(field, 64)} is not supported")
         signature = tf.SignatureDef(method_name=PREDICT_METHOD)
         signature.inputs[INPUT_NAME].CopyFrom(
             _info(f"{SIGNATURE}_{INPUT_NAME}:0", tf.DT_UINT8, list(INPUT_SHAPE))
@@ -158,14 +164,22 @@ def _info(name: str, dtype: int, shape: list[int]) -> tf.TensorInfo:
     return info
 
 
-def _images(request: tfs.PredictRequest, max_images: int) -> np.ndarray:
-    """The request's ``images`` tensor as uint8 ``[N, 28, 28]``."""
+def _images(
+    request: tfs.PredictRequest, max_images: int, charge: Callable[[int], None]
+) -> np.ndarray:
+    """The request's ``images`` tensor as uint8 ``[N, 28, 28]``.
+
+    Typed values in TensorFlow's compact form expand (41 bytes can ask for 4,096 images):
+    the images' bytes are ``charge``d to the server's byte budget before they are made, so
+    a flood of them is refused like any other excess.
+    """
     keys = sorted(request.inputs)
     if keys != [INPUT_NAME]:
         unknown = [k for k in keys if k != INPUT_NAME]
         if unknown:
             raise InvalidArgument(
-                f"input tensor alias not found in signature: {unknown[0]}. Inputs expected "
+                f"input tensor alias not found in signature: {bounded(unknown[0], 64)}. Inputs "
+                f"expected "
                 f"to be in the set {{{INPUT_NAME}}}."
             )
         raise InvalidArgument(f"the request has no input '{INPUT_NAME}'")
@@ -185,14 +199,17 @@ def _images(request: tfs.PredictRequest, max_images: int) -> np.ndarray:
                 f"tensor_content; shape {shape} needs {size}"
             )
         return np.frombuffer(tensor.tensor_content, np.uint8).reshape(n, *IMAGE_SHAPE)
-    values = np.asarray(tensor.int_val, np.int64)
-    if not 0 < len(values) <= size:
+    count = len(tensor.int_val)
+    if not 0 < count <= size:
         raise InvalidArgument(
-            f"input '{INPUT_NAME}' has {len(values)} int_val values; shape {shape} needs "
+            f"input '{INPUT_NAME}' has {count} int_val values; shape {shape} needs "
             f"{size} (or fewer, the last repeated)"
         )
+    values = np.asarray(tensor.int_val, np.int64)
     if values.min() < 0 or values.max() > 255:
         raise InvalidArgument(f"input '{INPUT_NAME}' has values outside 0-255 for uint8")
-    if len(values) < size:  # TensorFlow's compact form: the last value fills the rest
-        values = np.concatenate([values, np.full(size - len(values), values[-1])])
-    return values.astype(np.uint8).reshape(n, *IMAGE_SHAPE)
+    charge(size)
+    pixels = np.empty(size, np.uint8)
+    pixels[:count] = values
+    pixels[count:] = values[-1]  # TensorFlow's compact form: the last value fills the rest
+    return pixels.reshape(n, *IMAGE_SHAPE)
