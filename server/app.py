@@ -85,8 +85,9 @@ class ModelServer:
     """One running server. ``await start()``, then ``await stop()`` (or :func:`run`).
 
     With ``worker`` it is one of several processes on the port (``server.workers``): it binds
-    with SO_REUSEPORT, serves no metrics port of its own (the supervisor sums everyone's),
-    and is SERVING only while every worker is.
+    with SO_REUSEPORT only once its model is loaded (so no connection reaches a worker that
+    cannot serve it yet), serves no metrics port of its own (the supervisor sums everyone's),
+    and answers health for itself.
     """
 
     def __init__(
@@ -130,8 +131,6 @@ class ModelServer:
             [self._serves_itself],
             alive=lambda: self.batcher.alive,
         )
-        if worker is not None:
-            self.health.add_condition(worker.all_serving)
         self.exit_code = 0
         self.fatal = asyncio.Event()  # set when the process must stop (batcher failed)
         self.port = 0
@@ -240,10 +239,13 @@ class ModelServer:
     async def start(self) -> None:
         """Listen at once (NOT_SERVING), then load the model in the background.
 
-        Health turns SERVING once a version is loaded, warmed up and checked.
+        Health turns SERVING once a version is loaded, warmed up and checked. A worker loads
+        its model first and only then listens (its peers serve the port meanwhile).
         """
         s = self.settings
         metrics_token = read_token(s.metrics_token_file)
+        if self.worker is not None:
+            await self._load_before_listening()
         self._grpc = self._build_grpc()
         creds = self._credentials()
         address = f"{s.host}:{s.port}"
@@ -277,6 +279,18 @@ class ModelServer:
         self._follow = loop.create_task(self._load_and_follow())
         if self.worker is not None:
             self._report = loop.create_task(self._report_to_peers(self.worker))
+
+    async def _load_before_listening(self) -> None:
+        """A worker's start: poll the model folder until a version is loaded."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, self.manager.refresh)
+            except Exception:
+                log.exception("model load failed")
+            if self.manager.current is not None:
+                return
+            await asyncio.sleep(self.settings.poll_seconds)
 
     async def _report_to_peers(self, worker: WorkerLink) -> None:
         """Tell the others whether this worker serves, and follow whether they all do."""

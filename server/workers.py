@@ -7,12 +7,14 @@ incoming connections across them. The supervisor itself never creates a gRPC obj
 state does not survive a fork; the workers are started with ``spawn`` anyway, as fresh
 interpreters).
 
-* Health: each worker reports whether it serves into a shared array; every worker answers
-  SERVING only while all of them do, and so does the supervisor's ``/readyz`` and ready file.
+* Health: a worker listens on the port only once its model is loaded, so every connection
+  reaches a worker that can serve it, and each worker answers health for itself. Each
+  reports whether it serves into a shared array; the supervisor's ``/readyz`` and ready file
+  say SERVING while any worker does: one worker's death (its connections reset, the others
+  keep serving while it restarts) does not take the replica out of a balancer.
 * Metrics: prometheus-client's multiprocess mode. Every process writes its values to files
   in one folder; the supervisor's metrics port serves their sum.
-* A worker that dies is logged and restarted; the others keep serving meanwhile (and report
-  NOT_SERVING until the new one is ready).
+* A worker that dies is logged and restarted; the others keep serving meanwhile.
 * SIGTERM / SIGINT: every worker drains as a single server does; the supervisor exits once
   they all have.
 """
@@ -54,9 +56,6 @@ class WorkerLink:
 
     def report(self, serving: bool) -> None:
         self.slots[self.index] = 1 if serving else 0
-
-    def all_serving(self) -> bool:
-        return all(self.slots[:])
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -128,7 +127,7 @@ class Supervisor:
             reserved = _reserve_port(s.host, s.port)
             port = reserved.getsockname()[1]
             worker_settings = dataclasses.replace(s, port=port, workers=1, ready_file=None)
-            endpoints = _Endpoints(s, metrics_dir, port, self._all_serving)
+            endpoints = _Endpoints(s, metrics_dir, port, self._any_serving)
         except (OSError, ValueError) as err:  # port taken, unreadable TLS or token file
             log.error("cannot start: %s", err)
             if reserved is not None:
@@ -156,8 +155,8 @@ class Supervisor:
     def _pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None]
 
-    def _all_serving(self) -> bool:
-        return all(self._slots[:])
+    def _any_serving(self) -> bool:
+        return any(self._slots[:])
 
     def _restart_dead(self, worker_settings: Settings, endpoints: _Endpoints) -> bool:
         """Restart workers that died (after a pause that grows while one keeps dying before
@@ -217,7 +216,7 @@ class _Endpoints:
         settings: Settings,
         metrics_dir: Path,
         grpc_port: int,
-        all_serving: Callable[[], bool],
+        any_serving: Callable[[], bool],
     ) -> None:
         # imported here: PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client loads
         from prometheus_client import CollectorRegistry
@@ -230,13 +229,13 @@ class _Endpoints:
         MultiProcessCollector(registry, path=str(metrics_dir))
         token = read_token(s.metrics_token_file)
         self._http = MetricsServer(
-            s.metrics_host, s.metrics_port, registry, ready=all_serving, token=token,
+            s.metrics_host, s.metrics_port, registry, ready=any_serving, token=token,
             tls_cert=s.metrics_tls_cert, tls_key=s.metrics_tls_key,
         )  # fmt: skip
         self._metrics_dir = metrics_dir
         self._ready_file = s.ready_file
         self._grpc_port = grpc_port
-        self._all_serving = all_serving
+        self._any_serving = any_serving
         self._written: tuple[bool, list[int]] | None = None
 
     def start(self, pids: Callable[[], list[int]]) -> None:
@@ -245,7 +244,7 @@ class _Endpoints:
 
     def update(self, pids: list[int]) -> None:
         """Rewrite the ready file when SERVING or the set of workers changed."""
-        state = (bool(self._all_serving()), pids)
+        state = (bool(self._any_serving()), pids)
         if state != self._written:
             self._written = state
             self._write(serving=state[0], workers=pids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,21 +65,33 @@ def test_calls_reach_both_workers_and_their_counters_add_up(
     assert summed == sent  # every call counted once, on the supervisor's port
 
 
-def test_a_dead_worker_is_restarted_and_the_service_stays_up(
+def test_a_dead_worker_is_restarted_and_the_replica_stays_serving(
     workers: ServerProcess, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, _ = mnist_test
+    ready_url = workers.metrics_url.replace("/metrics", "/readyz")
     pids: list[int] = workers.ready()["workers"]  # type: ignore[assignment]
     os.kill(pids[0], signal.SIGKILL)
-    assert wait_for(lambda: workers.ready()["workers"] not in (pids, [pids[1]]), timeout=60)
+    probes: list[tuple[int, str]] = []
+
+    def restarted() -> bool:
+        # while worker 0 is dead and reloading, the replica answers as its live worker does:
+        # /readyz 200, and health SERVING on a new connection (which reaches a worker that
+        # listens: only a loaded one does)
+        with urllib.request.urlopen(ready_url, timeout=5) as resp:
+            status = int(resp.status)
+        with _connections(workers.target, 1)[0] as client:
+            probes.append((status, client.health()))
+        return workers.ready()["workers"] not in (pids, [pids[1]])
+
+    assert wait_for(restarted, timeout=60)
+    assert len(probes) >= 3 and set(probes) == {(200, "SERVING")}, probes
     new = workers.ready()["workers"]
     assert pids[0] not in new and pids[1] in new  # type: ignore[operator]
     assert wait_for(lambda: workers.ready()["serving"] is True, timeout=60)
     with DigitClient(workers.target) as client:  # retries UNAVAILABLE (a broken connection)
         assert client.batch_predict(x[:10]).digits.shape == (10,)
-        # each worker follows its peers' state every REPORT_SECONDS: the one this connection
-        # landed on may say NOT_SERVING for that long after the supervisor saw all serving
-        assert wait_for(lambda: client.health() == "SERVING", timeout=10)
+        assert client.health() == "SERVING"
     assert "worker 0 (pid" in workers.log() and "died" in workers.log()
 
 
