@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import logging
 import signal
 from collections.abc import Callable
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 # transport but not yet a handler, which a client cannot tell from a lost request. Fixed, so
 # the drain is bounded by the work in flight plus this.
 QUIET_SECONDS = 0.3
+# On SIGTERM, calls gRPC's transport had already received are still taken in once they reach
+# the event loop (they may wait in gRPC's queue behind others); this bounds that wait.
+RECEIVED_CALLS_WAIT_SECONDS = 5.0
 EXIT_BATCHER_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
 SERVICES = (SERVICE_NAME, KSERVE_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE)
 # every stream method, by path, with its metrics label
@@ -58,6 +62,40 @@ STREAMS = {
     f"{SERVICE_NAME}/PredictStream": "PredictStream",
     f"{KSERVE_SERVICE}/ModelStreamInfer": "kserve.ModelStreamInfer",
 }
+
+
+def _channelz_server_ids() -> set[int]:
+    """Ids of this process's gRPC servers in channelz (empty when channelz cannot tell)."""
+    try:
+        # channelz's own entry points, as grpcio-channelz's servicer reads them
+        from grpc._cython import cygrpc  # type: ignore[attr-defined]
+
+        ids: set[int] = set()
+        start = 0
+        while True:
+            page = json.loads(cygrpc.channelz_get_servers(start))
+            ids |= {int(server["ref"]["serverId"]) for server in page.get("server", [])}
+            if page.get("end", True) or not ids:
+                return ids
+            start = max(ids) + 1
+    except Exception:  # a private API: if it changes, the drain falls back to its time bound
+        log.debug("channelz cannot list the servers", exc_info=True)
+        return set()
+
+
+def transport_calls_started(server_id: int | None) -> int | None:
+    """Calls gRPC's transport has received for the server with channelz id ``server_id``
+    since it started (``callsStarted``), or None when channelz cannot tell."""
+    if server_id is None:
+        return None
+    try:
+        from grpc._cython import cygrpc  # type: ignore[attr-defined]
+
+        server = json.loads(cygrpc.channelz_get_server(server_id))["server"]
+        return int(server["data"].get("callsStarted", 0))
+    except Exception:
+        log.debug("channelz cannot tell the calls received", exc_info=True)
+        return None
 
 
 def _pending_limit(limit: int) -> list[tuple[str, int]]:
@@ -125,11 +163,14 @@ class ModelServer:
         # a call that ends without reaching the batcher may be what a filling batch waits for
         self.calls.on_finish = self.batcher.poke
         self.draining = False
+        self._received_at_drain: int | None = None  # calls gRPC had received at SIGTERM
+        self.channelz_id: int | None = None  # this server's id in gRPC's channelz
         self.health = Health(
             list(SERVICES),
             self.metrics,
             [self._serves_itself],
             alive=lambda: self.batcher.alive,
+            on_call=self.calls.arrive,
         )
         self.exit_code = 0
         self.fatal = asyncio.Event()  # set when the process must stop (batcher failed)
@@ -210,6 +251,7 @@ class ModelServer:
 
     def _build_grpc(self) -> grpc.aio.Server:
         s = self.settings
+        others = _channelz_server_ids()
         server = grpc.aio.server(
             interceptors=self.tracing.interceptors() if self.tracing else None,
             options=[
@@ -221,6 +263,8 @@ class ModelServer:
                 ("grpc.so_reuseport", 1 if self.worker is not None else 0),
             ],
         )
+        ours = _channelz_server_ids() - others
+        self.channelz_id = ours.pop() if len(ours) == 1 else None
         token = read_token(s.auth_token_file)
         auth = rpc.Authenticator(b"Bearer " + token if token is not None else None)
         labels = []
@@ -324,8 +368,34 @@ class ModelServer:
         self._health_update = asyncio.get_running_loop().create_task(self.health.update())
         self.fatal.set()
 
+    def begin_drain(self) -> None:
+        """The moment of SIGTERM: from now on NOT_SERVING; every call gRPC's transport has
+        received until now will still be taken in (see :meth:`stop`)."""
+        if self.draining:
+            return
+        self.draining = True
+        self._received_at_drain = transport_calls_started(self.channelz_id)
+        if self.worker is not None:
+            self.worker.report(False)
+
+    async def _take_in_received_calls(self, limit: float) -> None:
+        """Keep admitting until the event loop has taken off gRPC's queue every call the
+        transport had received at SIGTERM (they wait there in order; under load that can
+        be a while), at most ``limit`` seconds."""
+        target = self._received_at_drain
+        if target is None:
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        while self.calls.arrived < target and loop.time() < end:
+            await asyncio.sleep(0.005)
+        if self.calls.arrived < target:
+            log.warning("%d calls received before SIGTERM had not reached the server after "
+                        "%.1fs", target - self.calls.arrived, limit)  # fmt: skip
+
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, pre-stop window, refuse new calls, finish accepted ones, close.
+        """Drain: NOT_SERVING, pre-stop window, take in the calls gRPC had already received,
+        refuse new calls, finish accepted ones, close.
 
         New calls are refused with UNAVAILABLE (an explicit, retryable answer) while every
         accepted call is finished; then, after :data:`QUIET_SECONDS`, the port closes. The
@@ -334,9 +404,7 @@ class ModelServer:
         s = self.settings
         loop = asyncio.get_running_loop()
         log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", s.grace_seconds)
-        self.draining = True
-        if self.worker is not None:
-            self.worker.report(False)
+        self.begin_drain()
         await self.health.update()
         for task in (self._follow, self._report):
             if task is not None:
@@ -344,6 +412,7 @@ class ModelServer:
         if s.pre_stop_seconds:
             await asyncio.sleep(s.pre_stop_seconds)
         deadline = loop.time() + s.grace_seconds
+        await self._take_in_received_calls(min(s.grace_seconds, RECEIVED_CALLS_WAIT_SECONDS))
         if not await self.calls.drain(s.grace_seconds):
             log.warning("grace period over with %d calls in flight", self.calls.active)
         try:
@@ -372,8 +441,13 @@ async def run(settings: Settings, worker: WorkerLink | None = None) -> int:
     server = ModelServer(settings, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        server.begin_drain()  # at the signal: what gRPC has received by now will be answered
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await server.start()
     except (OSError, ValueError, RuntimeError) as err:  # unreadable TLS/token file, port taken

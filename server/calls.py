@@ -34,6 +34,7 @@ class CallTracker:
         self.active = 0  # unary calls and streams admitted and not finished
         self.streams = 0  # of those, streams
         self.reading = 0  # unary calls waiting for their request message (not admitted yet)
+        self.arrived = 0  # calls taken off gRPC's queue so far, any method (see ``arrive``)
         self.active_by_method: collections.Counter[str] = collections.Counter()
         self.bytes = 0
         self.answered: collections.Counter[str] = collections.Counter()  # by status code name
@@ -46,6 +47,11 @@ class CallTracker:
     def unary(self) -> int:
         """Unary calls admitted and not finished."""
         return self.active - self.streams
+
+    def arrive(self) -> None:
+        """Count a call the server has just taken off gRPC's queue (any method, admitted or
+        not): the drain compares this with what gRPC's transport had received."""
+        self.arrived += 1
 
     def check_open(self) -> None:
         """UNAVAILABLE while draining: a new call is refused before anything is read."""

@@ -32,6 +32,23 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 LIVENESS = "liveness"
 
 
+class _CountedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """grpcio-health-checking's servicer, telling ``on_call`` of each call it takes (the drain
+    counts every call the server has taken off gRPC's queue)."""
+
+    def __init__(self, on_call: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_call = on_call
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        self._on_call()
+        return await super().Check(request, context)
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        self._on_call()
+        await super().Watch(request, context)
+
+
 class Health:
     """The serving state of one server process, and where it is published."""
 
@@ -41,8 +58,9 @@ class Health:
         metrics: ServerMetrics,
         conditions: Sequence[Callable[[], bool]],
         alive: Callable[[], bool] = lambda: True,
+        on_call: Callable[[], None] = lambda: None,
     ) -> None:
-        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.servicer = _CountedHealthServicer(on_call)
         self._services = ["", *services]
         self._metrics = metrics
         self._conditions = list(conditions)

@@ -172,6 +172,7 @@ class UnaryMethod:
         admitted = False
         size = 0
         raw = b""
+        calls.arrive()
         try:
             async with outcome:
                 calls.check_open()

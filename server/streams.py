@@ -122,6 +122,7 @@ class StreamMethod:
         started = time.perf_counter()
         outcome = Outcome(context, self.name)
         admitted = False
+        self.calls.arrive()
         try:
             async with outcome:
                 self.calls.admit(self.name, stream=True)
