@@ -94,8 +94,11 @@ def check_complete(path: Path, metadata: dict[str, Any]) -> None:
         size = file.stat().st_size if file.is_file() else None
         if size is None:
             raise VersionIncomplete(f"{name} is not there yet")
-        if "bytes" in entry and size != entry["bytes"]:
-            raise VersionIncomplete(f"{name} has {size} of {entry['bytes']} bytes")
+        recorded = entry.get("bytes", size)
+        if size < recorded:
+            raise VersionIncomplete(f"{name} has {size} of {recorded} bytes")
+        if size > recorded:
+            raise ModelLoadError(f"{name} has {size} bytes; {METADATA_FILE} records {recorded}")
     for name, entry in metadata.get(FILES_KEY, {}).items():
         if hashlib.sha256((path / name).read_bytes()).hexdigest() != entry["sha256"]:
             raise ModelLoadError(f"{name} does not match the sha256 in {METADATA_FILE}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -19,81 +17,7 @@ import pytest
 from mnist_client import AsyncDigitClient, DigitClient
 from server.app import EXIT_BATCHER_FAILED, ModelServer
 from server.ready_file import wait_for_ready_file
-from server.settings import parse_settings
-from tests.conftest import ROOT, until
-
-
-class GatedRuntime:
-    """Wraps a loaded runtime: records every call's images; holds calls while closed."""
-
-    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
-        self.inner = inner
-        self.name, self.device, self.source = inner.name, inner.device, inner.source
-        self.calls: list[np.ndarray] = []
-        self.entered = threading.Semaphore(0)
-        self.open = threading.Event()
-        self.open.set()
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        self.calls.append(images.copy())
-        self.entered.release()
-        assert self.open.wait(30), "the test never opened the gate"
-        return self.inner.predict(images)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        """Hold the next calls; forget the calls so far."""
-        self.open.clear()
-        self.calls.clear()
-        self.entered = threading.Semaphore(0)
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.acquire, True, 30), "model was not called"
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [len(c) for c in self.calls]
-
-
-async def _start(model_dir: Path, *args: str) -> tuple[ModelServer, GatedRuntime]:
-    settings = parse_settings(
-        ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", *args],
-        environ={},
-    )  # fmt: skip
-    server = ModelServer(settings)
-    await server.start()
-    await until(lambda: server.health.serving)
-    model = server.manager.current
-    assert model is not None
-    gate = GatedRuntime(model.runtime)
-    model.runtime = gate  # type: ignore[assignment]
-    return server, gate
-
-
-StartGated = Callable[..., Awaitable[tuple[ModelServer, GatedRuntime]]]
-
-
-@pytest.fixture
-async def start_gated(trained_model_dir: Path) -> AsyncIterator[StartGated]:
-    """Starts gated servers (``start_gated(*flags, model_dir=...)``); at the end of the test
-    opens every gate and stops every server."""
-    started: list[tuple[ModelServer, GatedRuntime]] = []
-
-    async def start(
-        *args: str, model_dir: Path = trained_model_dir
-    ) -> tuple[ModelServer, GatedRuntime]:
-        started.append(await _start(model_dir, *args))
-        return started[-1]
-
-    yield start
-    for server, gate in started:
-        gate.open.set()
-        await server.stop()
-
-
-@pytest.fixture
-async def gated(start_gated: StartGated) -> tuple[ModelServer, GatedRuntime]:
-    return await start_gated()
+from tests.conftest import ROOT, GatedRuntime, StartGated, until
 
 
 def _target(server: ModelServer) -> str:

@@ -41,15 +41,18 @@ def test_hot_reload_under_traffic_rejects_bad_versions_and_loses_nothing(
     try:
         with Traffic(srv.target, x) as traffic, DigitClient(srv.target) as client:
             assert wait_for(lambda: len(traffic.versions) > 50)
-            # a version being written: folder without saved_model.pb is left alone
+            # a version being written (no metadata.json yet) is left alone
             (model_dir / "5").mkdir()
             (model_dir / "5" / "variables").mkdir()
             # a corrupt version: rejected, version 1 keeps serving
-            (model_dir / "2").mkdir()
-            (model_dir / "2" / "saved_model.pb").write_bytes(b"not a saved model")
+            staging = model_dir / ".tmp-corrupt"
+            shutil.copytree(trained_model_dir / "1", staging)
+            tflite = staging / "model.tflite"
+            tflite.write_bytes(bytes(tflite.stat().st_size))  # same size, other bytes
+            staging.rename(model_dir / "2")
             assert wait_for(lambda: client.model_info().last_failed_version == 2)
             info = client.model_info()
-            assert info.model_version == 1 and "cannot load" in info.last_failure
+            assert info.model_version == 1 and "does not match the sha256" in info.last_failure
             assert srv.metric("mnist_model_loads_total", result="failed") >= 1
             # a good version 3 arrives: swapped in under traffic
             _publish(trained_model_dir / "1", model_dir, 3)

@@ -103,6 +103,9 @@ def test_a_model_file_that_is_not_the_exported_one_is_refused(
     version = _copy_version(trained_model_dir / "1", tmp_path)
     tflite = version / "model.tflite"
     tflite.write_bytes(tflite.read_bytes() + b"\0")  # same model, different bytes
+    with pytest.raises(ModelLoadError, match=r"model\.tflite has \d+ bytes; metadata.json"):
+        load_version(tmp_path, 1, "litert")
+    tflite.write_bytes(tflite.read_bytes()[:-2] + b"\0")  # the recorded size, other bytes
     with pytest.raises(ModelLoadError, match=r"model\.tflite does not match the sha256"):
         load_version(tmp_path, 1, "litert")
 
@@ -117,7 +120,7 @@ def test_a_corrupt_model_file_is_a_failed_version_and_an_older_one_serves(
     broken = _copy_version(trained_model_dir / "1", tmp_path, 2)
     (broken / "model.tflite").write_bytes(b"not a flatbuffer" * 64)
     meta = json.loads((broken / "metadata.json").read_text())
-    del meta["exports"]  # no checksum to catch it first: the runtime itself must fail
+    del meta["exports"], meta["files"]  # no checksum to catch it: the runtime itself must fail
     (broken / "metadata.json").write_text(json.dumps(meta))
     metrics = ServerMetrics()
     manager = ModelManager(tmp_path, metrics, runtime="litert")
@@ -222,3 +225,33 @@ def test_auto_picks_keras_on_a_gpu_without_tensorflow(monkeypatch: pytest.Monkey
     assert runtimes._order("auto") == ["tensorflow", "keras", "litert"]
     monkeypatch.setattr(runtimes, "gpu_visible", lambda: False)
     assert runtimes._order("auto")[0] == "litert"
+
+
+@pytest.mark.parametrize("metadata_last", [True, False], ids=["metadata-last", "metadata-first"])
+def test_a_version_copied_file_by_file_is_served_only_once_complete(
+    trained_model_dir: Path, tmp_path: Path, metadata_last: bool
+) -> None:
+    """A version copied by hand, one file at a time, each written in two halves (slowly), in
+    either order: never served half-written, and served with its metadata once complete."""
+    from server.manager import ModelManager
+    from server.metrics import ServerMetrics
+
+    _copy_version(trained_model_dir / "1", tmp_path, 1)
+    manager = ModelManager(tmp_path, ServerMetrics(), runtime="litert")
+    assert manager.refresh() is True
+    src = trained_model_dir / "1"
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != "metadata.json")
+    order = [*files, src / "metadata.json"] if metadata_last else [src / "metadata.json", *files]
+    for i, file in enumerate(order):
+        target = tmp_path / "2" / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = file.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+        assert manager.refresh() is False, f"served with {file.name} half-written"
+        target.write_bytes(data)
+        if i < len(order) - 1:
+            assert manager.refresh() is False, f"served before {order[i + 1].name}"
+        assert manager.current is not None and manager.current.version == 1
+    assert manager.refresh() is True
+    assert manager.current is not None and manager.current.version == 2
+    assert manager.current.metadata == json.loads((src / "metadata.json").read_text())
