@@ -8,8 +8,13 @@ against the targets:
 * ``bodies``: three 8 MiB hostile bodies at once (unknown varints, unknown fixed32, 4M empty
   images), five times, while a health check runs every 100 ms: time to each refusal, the
   slowest health check, RSS growth during and after.
+* ``lockout``: one client holds 300 Predicts that never send a body and 300 PredictStreams
+  that never send a message (opened again as the server ends them); another client's
+  Predict latency (8 callers) before and during, and health meanwhile.
 * ``overload``: Predict at concurrency 1,000 (h2load), after a run at 64: refusals, the
-  server-side p99 of refusals and of accepted calls (from the server's histogram), RSS.
+  server-side p99 of refusals and of accepted calls (from the server's histogram), RSS;
+  ``overload-pending`` the same with ``--max-pending-calls 128``, ``overload-workers`` with
+  ``--workers 2``.
 * ``flood``: 1,024-image BatchPredicts at concurrency 64: RSS during and after.
 * ``sigterm``: SIGTERM under steady load: time until the process has exited.
 * ``deadlines``: 300 calls at once with 1, 10 and 100 ms deadlines under load, from a Python
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import tempfile
@@ -39,7 +45,7 @@ from prometheus_client.samples import Sample
 
 from bench.h2load import SERVICE, Load, h2load, make_payloads
 from bench.targets import Running, Target, metric_samples, our_server, rss_mb, start, stop
-from mnist_client import DigitClient
+from mnist_client import AsyncDigitClient, DigitClient
 from mnist_client.pb import digit_classifier_pb2 as pb
 
 EIGHT_MIB = 8 * 1024 * 1024
@@ -171,9 +177,9 @@ def scenario_bodies(model_dir: Path, images: np.ndarray, workdir: Path) -> dict[
 
 
 def scenario_overload(
-    model_dir: Path, images: np.ndarray, workdir: Path, seconds: float
+    model_dir: Path, images: np.ndarray, workdir: Path, seconds: float, *flags: str
 ) -> dict[str, Any]:
-    running = _start(model_dir, workdir, "overload")
+    running = _start(model_dir, workdir, "overload", *flags)
     payloads = make_payloads(workdir, images)
     path = f"{SERVICE}/Predict"
     try:
@@ -201,6 +207,113 @@ def scenario_overload(
             "client_p99_ms_c1000": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
             "rss_base_mb": round(base, 1),
             "rss_peak_growth_mb": round(max(samples()) - base, 1),
+        }
+    finally:
+        stop(running)
+
+
+def _victim_latencies(
+    target: str, images: np.ndarray, seconds: float
+) -> tuple[Counter[str], np.ndarray]:
+    """Predicts from 8 callers on their own connection for ``seconds``: codes, latencies (ms)."""
+    codes: Counter[str] = Counter()
+    latencies: list[float] = []
+
+    async def main() -> None:
+        async with AsyncDigitClient(target) as client:
+            end = time.monotonic() + seconds
+
+            async def caller(k: int) -> None:
+                i = k
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    try:
+                        await client.predict(images[i % len(images)], timeout=10)
+                        codes["OK"] += 1
+                        latencies.append((time.perf_counter() - t0) * 1000)
+                    except grpc.aio.AioRpcError as err:
+                        codes[err.code().name] += 1
+                    i += 8
+
+            await asyncio.gather(*(caller(k) for k in range(8)))
+
+    asyncio.run(main())
+    return codes, np.asarray(latencies)
+
+
+def scenario_lockout(model_dir: Path, images: np.ndarray, workdir: Path) -> dict[str, Any]:
+    """One client holds 300 Predicts that never send a body and 300 streams that never send a
+    message (re-opened as the server ends them); another client's Predicts, before and during."""
+    running = _start(model_dir, workdir, "lockout")
+    target = f"127.0.0.1:{running.port}"
+    try:
+        _warm(target, images)
+        normal_codes, normal = _victim_latencies(target, images, 10)
+        opened: Counter[str] = Counter()
+        ended: Counter[str] = Counter()
+        stop_hostile = threading.Event()
+
+        async def hostile() -> None:
+            gate = asyncio.Event()
+
+            async def nothing() -> Any:
+                await gate.wait()
+                if False:
+                    yield b""
+
+            channel = grpc.aio.insecure_channel(target)  # one client, one connection
+
+            async def hold(kind: str) -> None:
+                while not stop_hostile.is_set():
+                    if kind == "bodyless":
+                        method = f"{SERVICE}/Predict"
+                        call: Any = channel.stream_unary(method)(nothing())  # type: ignore[call-arg]
+                    else:
+                        method = f"{SERVICE}/PredictStream"
+                        call = channel.stream_stream(method)(nothing())  # type: ignore[call-arg]
+                    opened[kind] += 1
+                    try:
+                        if kind == "bodyless":
+                            await call
+                        else:
+                            async for _ in call:
+                                pass
+                    except grpc.aio.AioRpcError as err:
+                        ended[f"{kind} {err.code().name}"] += 1
+                        if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            await asyncio.sleep(0.5)  # held calls, not a flood of new ones
+                    if stop_hostile.is_set():
+                        call.cancel()
+
+            tasks = [hold("bodyless") for _ in range(300)] + [hold("streams") for _ in range(300)]
+            runner = asyncio.gather(*tasks)
+            while not stop_hostile.is_set():
+                await asyncio.sleep(0.1)
+            gate.set()
+            runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+            await channel.close(None)
+
+        attacker = threading.Thread(target=lambda: asyncio.run(hostile()), daemon=True)
+        attacker.start()
+        time.sleep(2)  # all 600 held
+        with DigitClient(target) as client:
+            health = client.health()
+        attacked_codes, attacked = _victim_latencies(target, images, 15)
+        stop_hostile.set()
+        attacker.join(30)
+        p99_normal = float(np.percentile(normal, 99))
+        p99_attacked = float(np.percentile(attacked, 99)) if len(attacked) else float("inf")
+        return {
+            "victim_codes_normal": dict(normal_codes),
+            "victim_codes_attacked": dict(attacked_codes),
+            "victim_p99_ms_normal": round(p99_normal, 2),
+            "victim_p99_ms_attacked": round(p99_attacked, 2),
+            "p99_ratio": round(p99_attacked / p99_normal, 2),
+            "health_while_held": health,
+            "hostile_calls_opened": dict(opened),
+            "hostile_calls_ended": dict(ended),
         }
     finally:
         stop(running)
@@ -321,7 +434,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mnist-hostile-"))
     scenarios: dict[str, Callable[[], dict[str, Any]]] = {
         "bodies": lambda: scenario_bodies(args.model_dir, images, workdir),
+        "lockout": lambda: scenario_lockout(args.model_dir, images, workdir),
         "overload": lambda: scenario_overload(args.model_dir, images, workdir, args.seconds),
+        "overload-pending": lambda: scenario_overload(
+            args.model_dir, images, workdir, args.seconds, "--max-pending-calls", "128"
+        ),
+        "overload-workers": lambda: scenario_overload(
+            args.model_dir, images, workdir, args.seconds, "--workers", "2"
+        ),
         "flood": lambda: scenario_flood(args.model_dir, images, workdir, 15.0),
         "sigterm": lambda: scenario_sigterm(args.model_dir, images, workdir),
         "deadlines": lambda: scenario_deadlines(args.model_dir, images, workdir),

@@ -55,6 +55,10 @@ QUIET_SECONDS = 0.3
 # On SIGTERM, calls gRPC's transport had already received are still taken in once they reach
 # the event loop (they may wait in gRPC's queue behind others); this bounds that wait.
 RECEIVED_CALLS_WAIT_SECONDS = 5.0
+# One model call running longer than this means the runtime hangs: health says NOT_SERVING
+# (the longest real batch, 4,096 images of the CNN on one core, takes well under a second).
+STUCK_MODEL_SECONDS = 10.0
+HEALTH_CHECK_SECONDS = 1.0  # how often health re-reads conditions that change by themselves
 EXIT_BATCHER_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
 SERVICES = (SERVICE_NAME, KSERVE_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE)
 # every stream method, by path, with its metrics label
@@ -183,7 +187,12 @@ class ModelServer:
         self._health_update: asyncio.Task[bool] | None = None  # kept: tasks are weakly held
 
     def _serves_itself(self) -> bool:
-        return self.manager.current is not None and self.batcher.alive and not self.draining
+        return (
+            self.manager.current is not None
+            and self.batcher.alive
+            and not self.batcher.stuck(STUCK_MODEL_SECONDS)
+            and not self.draining
+        )
 
     def _track_gauges(self, methods: list[str]) -> None:
         m = self.metrics
@@ -323,6 +332,8 @@ class ModelServer:
         self._follow = loop.create_task(self._load_and_follow())
         if self.worker is not None:
             self._report = loop.create_task(self._report_to_peers(self.worker))
+        else:
+            self._report = loop.create_task(self._recheck_health())
 
     async def _load_before_listening(self) -> None:
         """A worker's start: poll the model folder until a version is loaded."""
@@ -335,6 +346,12 @@ class ModelServer:
             if self.manager.current is not None:
                 return
             await asyncio.sleep(self.settings.poll_seconds)
+
+    async def _recheck_health(self) -> None:
+        """Re-read health now and then: a hung model call changes it without any event."""
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_SECONDS)
+            await self.health.update()
 
     async def _report_to_peers(self, worker: WorkerLink) -> None:
         """Tell the others whether this worker serves, and follow whether they all do."""

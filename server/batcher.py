@@ -162,6 +162,7 @@ class DynamicBatcher:
         # work, or "filling": waiting for requests on their way to join the next batch
         self._state = "busy"
         self._wake_scheduled = False  # a wake-up is due at the end of this loop turn
+        self._computing_since: float | None = None  # monotonic start of the model call running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None
@@ -176,6 +177,12 @@ class DynamicBatcher:
     def alive(self) -> bool:
         """False once the thread has failed (see the contract)."""
         return self._failed is None
+
+    def stuck(self, limit_s: float) -> bool:
+        """True while one model call has been running for more than ``limit_s`` seconds (a
+        hung runtime: nothing queued behind it will be answered)."""
+        since = self._computing_since
+        return since is not None and time.monotonic() - since > limit_s
 
     def start(self) -> None:
         """Start the batcher's thread; results are delivered on the running event loop."""
@@ -359,7 +366,11 @@ class DynamicBatcher:
             parts = [s.request.images[s.start : s.stop] for s in batch]
             images = parts[0] if len(parts) == 1 else np.concatenate(parts)
             started = time.perf_counter()
-            probs, version = self._model_fn(images)
+            self._computing_since = time.monotonic()
+            try:
+                probs, version = self._model_fn(images)
+            finally:
+                self._computing_since = None
             compute_s = time.perf_counter() - started
             if probs.shape != (n, NUM_CLASSES):
                 raise ValueError(f"model returned shape {probs.shape} for {n} images")

@@ -206,3 +206,25 @@ async def test_calls_received_before_sigterm_are_answered(
     assert len(results) == 50 and errors == [], [e.details() for e in errors[:3]]  # type: ignore[attr-defined]
     assert {pb.PredictResponse.FromString(r).model_version for r in results} == {1}
     assert server.calls.answered == {"OK": 50}
+
+
+async def test_a_hung_model_call_turns_health_not_serving_until_it_returns(
+    start_gated: StartGated, mnist_test: tuple[np.ndarray, np.ndarray], monkeypatch: Any
+) -> None:
+    """The one case where the server truly cannot serve: its model call hangs."""
+    import server.app
+
+    monkeypatch.setattr(server.app, "STUCK_MODEL_SECONDS", 0.5)
+    srv, gate = await start_gated()
+    x, _ = mnist_test
+    async with AsyncDigitClient(_target(srv)) as client:
+        assert await client.health() == "SERVING"
+        gate.close()
+        held = asyncio.ensure_future(client.predict(x[0]))
+        await gate.wait_entered()
+        await until(lambda: not srv.health.serving, timeout=10)
+        assert await client.health() == "NOT_SERVING"
+        gate.open.set()
+        assert (await held).model_version == 1
+        await until(lambda: srv.health.serving, timeout=10)
+        assert await client.health() == "SERVING"
