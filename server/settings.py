@@ -128,8 +128,8 @@ HELP = {
     "max_images_per_request": "most images in one BatchPredict",
     "max_message_bytes": "largest request or response message",
     "max_concurrent_streams": "most concurrent RPCs per HTTP/2 connection",
-    "max_concurrent_rpcs": "most prediction RPCs in flight over all connections; beyond this "
-    "new calls get RESOURCE_EXHAUSTED at once",
+    "max_concurrent_rpcs": "most unary RPCs in flight over all connections, counted once "
+    "their request message has arrived; beyond this new calls get RESOURCE_EXHAUSTED at once",
     "max_pending_calls": "most calls waiting inside gRPC for the event loop to take them up "
     "(0 = gRPC's default); beyond this gRPC itself drops new calls, at no cost to the server, "
     "and their callers see CANCELLED (see Limits)",

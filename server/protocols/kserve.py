@@ -38,7 +38,7 @@ from mnist_client.contract import (
 from mnist_client.timing import HEADER as TIMING_HEADER
 from mnist_client.timing import format_server_timing
 from server.batcher import Answer, DynamicBatcher
-from server.errors import InvalidArgument, NotFound, ServiceError, Unavailable, quoted
+from server.errors import InvalidArgument, NotFound, ServiceError, Unavailable, bounded, quoted
 from server.metrics import Duration, InferenceStats
 from server.protocols.base import ServedModel, image_count, parse
 from server.protocols.pb import open_inference_grpc_pb2 as oip
@@ -237,7 +237,7 @@ def _images(request: oip.ModelInferRequest, max_images: int) -> np.ndarray:
     tensor = inputs[0]
     if tensor.datatype != "UINT8":
         raise InvalidArgument(
-            f"input '{INPUT_NAME}' has datatype {quoted(tensor.datatype or '(none)')}, "
+            f"input '{INPUT_NAME}' has datatype {bounded(tensor.datatype or '(none)', 32)}, "
             "expected UINT8"
         )
     shape = list(tensor.shape)
