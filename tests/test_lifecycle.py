@@ -30,6 +30,15 @@ def _publish(src: Path, model_dir: Path, version: int, edit_metadata: bool = Tru
     staging.rename(model_dir / str(version))
 
 
+def _reseal(version: Path) -> None:
+    """Record a hand-edited version's files in its metadata (the README's recipe)."""
+    from server.versions import file_checksums
+
+    meta = json.loads((version / "metadata.json").read_text())
+    meta["files"] = file_checksums(version)
+    (version / "metadata.json").write_text(json.dumps(meta))
+
+
 def test_hot_reload_under_traffic_rejects_bad_versions_and_loses_nothing(
     trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -101,6 +110,7 @@ def test_golden_set_rejects_a_version_that_reads_digits_wrong(
     with np.load(staging / "golden.npz") as golden:
         images, labels = golden["images"], golden["labels"]
     np.savez(staging / "golden.npz", images=images, labels=(labels + 1) % 10)
+    _reseal(staging)
     staging.rename(model_dir / "2")
     srv = start_server(model_dir, tmp_path / "server.log")
     try:

@@ -38,6 +38,15 @@ def _copy_version(src: Path, dst_root: Path, version: int = 1) -> Path:
     return dst
 
 
+def _without_tflite(version: Path) -> Path:
+    """``version`` as an export that never had a ``model.tflite`` (file and metadata)."""
+    (version / "model.tflite").unlink()
+    meta = json.loads((version / "metadata.json").read_text())
+    del meta["files"]["model.tflite"], meta["exports"]["model.tflite"]
+    (version / "metadata.json").write_text(json.dumps(meta))
+    return version
+
+
 def test_litert_gives_the_savedmodels_probabilities(
     trained_model_dir: Path, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -63,7 +72,7 @@ def test_litert_gives_the_savedmodels_probabilities(
 def test_a_version_without_model_tflite_is_compiled_where_tensorflow_is_installed(
     trained_model_dir: Path, tmp_path: Path
 ) -> None:
-    (_copy_version(trained_model_dir / "1", tmp_path) / "model.tflite").unlink()
+    _without_tflite(_copy_version(trained_model_dir / "1", tmp_path))
     model = load_version(tmp_path, 1, "litert")
     assert model.runtime.source == litert.COMPILED
 
@@ -71,7 +80,7 @@ def test_a_version_without_model_tflite_is_compiled_where_tensorflow_is_installe
 def test_without_tensorflow_such_a_version_is_refused_with_a_fix(
     trained_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (_copy_version(trained_model_dir / "1", tmp_path) / "model.tflite").unlink()
+    _without_tflite(_copy_version(trained_model_dir / "1", tmp_path))
     monkeypatch.setattr(tensorflow, "available", lambda: False)
     monkeypatch.setattr(keras_runtime, "available", lambda: False)  # a serving-only install
     for runtime in ("litert", "auto"):
@@ -149,7 +158,7 @@ def test_the_server_serves_without_tensorflow(
     (blocker / "sitecustomize.py").write_text(NO_TENSORFLOW)
     models = tmp_path / "models"
     _copy_version(trained_model_dir / "1", models, 1)
-    (_copy_version(trained_model_dir / "1", models, 2) / "model.tflite").unlink()
+    _without_tflite(_copy_version(trained_model_dir / "1", models, 2))
     import os
 
     env = {**os.environ, "PYTHONPATH": str(blocker)}
