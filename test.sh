@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv/ and run every check: stubs, lint, format, types, the whole test suite.
+# Set up .venv/ (all of uv.lock: the quick start's install + Keras/JAX, tracing and the dev
+# tools) and run every check: stubs, lint, format, types, the whole test suite.
 # MNIST_DATA_DIR points the tests at the IDX files (default ../shared/data/mnist).
 set -euo pipefail
 cd "$(dirname "$0")"
