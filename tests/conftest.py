@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # the Keras runtime (JAX) is only tried in server processes of its own.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # The Python that runs `-m training` and `-m server`: CI points it at .venv/ (the lock) while the
-# tests of the SDK run from a venv holding the newest versions the SDK allows (deploy/ci/sdk_newest.sh).
+# SDK's tests run from a venv of the newest versions the SDK allows (deploy/ci/sdk_newest.sh).
 SERVER_PYTHON = os.environ.get("MNIST_TEST_SERVER_PYTHON") or sys.executable
 
 
