@@ -8,6 +8,8 @@ cd "$(dirname "$0")"
 ./scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-echo "== ruff";   .venv/bin/ruff check . && .venv/bin/ruff format --check .
+# one command a line: set -e does not stop at a failure on the left of &&
+echo "== ruff";   .venv/bin/ruff check .
+                  .venv/bin/ruff format --check .
 echo "== mypy";   .venv/bin/mypy
 echo "== pytest"; .venv/bin/python -m pytest "$@"
