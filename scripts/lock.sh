@@ -13,8 +13,9 @@ if [ "${1:-}" = "--uv" ]; then
     [ -n "${2:-}" ] || { echo "usage: $0 --uv VERSION" >&2; exit 2; }
     tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
     echo "uv==$2" >"$tmp/in.txt"
-    "$UV" pip compile --quiet --universal --generate-hashes --no-header "$tmp/in.txt" -o "$tmp/out.txt"
-    { sed -n '1,/^# (scripts/p' scripts/requirements-uv.txt; cat "$tmp/out.txt"; } >"$tmp/new.txt"
+    "$UV" pip compile --quiet --universal --generate-hashes --no-header --no-annotate \
+        "$tmp/in.txt" -o "$tmp/out.txt"
+    { sed -n '1,/^# its release/p' scripts/requirements-uv.txt; cat "$tmp/out.txt"; } >"$tmp/new.txt"
     mv "$tmp/new.txt" scripts/requirements-uv.txt
     exit
 fi
