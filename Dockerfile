@@ -16,19 +16,26 @@ RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nolog
  && mkdir -p /models && chown mnist /models
 
 # -- build stages: one virtual environment each, at the path it runs from ----------------------
+# Both install exactly uv.lock (every version and hash pinned: the same packages on every build)
+# with uv, itself pinned by hash in scripts/requirements-uv.txt and left in the build stages.
 FROM base AS sources
+COPY scripts/requirements-uv.txt /tmp/requirements-uv.txt
+RUN python -m venv /opt/uv \
+ && /opt/uv/bin/pip install --quiet --require-hashes -r /tmp/requirements-uv.txt
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1 UV_LINK_MODE=copy
 COPY client /src/client
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml uv.lock README.md /src/
 COPY server /src/server
 COPY training /src/training
 COPY bench /src/bench
+WORKDIR /src
 
 FROM sources AS build-serve
-RUN python -m venv /opt/venv
+# --locked: a lock that does not match pyproject.toml fails the build; --no-editable: the
+# project and the SDK copied into the venv, not linked to /src
 # ai-edge-litert ships accelerators, NPU compilers and converters that the interpreter the
 # server uses never loads (30 MB); the compose test serves real digits from this image.
-RUN /opt/venv/bin/pip install --quiet /src/client /src \
- && /opt/venv/bin/pip uninstall --quiet --yes pip setuptools \
+RUN /opt/uv/bin/uv sync --quiet --locked --no-editable --python python3 \
  && cd /opt/venv/lib/python3*/site-packages/ai_edge_litert \
  && rm -rf libLiteRtWebGpuAccelerator.so tools vendors aot _pywrap_litert_converter.so \
       _pywrap_tensorflow_lite_calibration_wrapper.so _pywrap_tfl_calibration.so \
@@ -36,8 +43,7 @@ RUN /opt/venv/bin/pip install --quiet /src/client /src \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM sources AS build-train
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --quiet /src/client "/src[train]" \
+RUN /opt/uv/bin/uv sync --quiet --locked --no-editable --python python3 --extra train \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
 

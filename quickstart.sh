@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a served prediction:
-#   set up .venv/, train the quick model if models/ holds no version, serve it on :8500.
+#   install serving + training into .venv/ from uv.lock (no dev tools: ./test.sh adds them),
+#   train the quick model if models/ holds no version, serve it on :8500.
 #
 #   ./quickstart.sh                                  # downloads MNIST (needs internet)
 #   ./quickstart.sh --data-dir ../shared/data/mnist  # or a folder of the four IDX files
 #
-# Environment: MODEL_DIR (default models), ARCH (default mlp: ~1 minute on 2 CPU cores;
+# Environment: MODEL_DIR (default models), ARCH (default mlp: ~45 s on 2 CPU cores;
 # cnn is the accurate production model), MNIST_PORT / MNIST_METRICS_PORT and every other
 # server setting (see README).
 set -euo pipefail
@@ -24,7 +25,7 @@ fi
 MODEL_DIR="${MODEL_DIR:-models}"
 ARCH="${ARCH:-mlp}"
 
-./scripts/setup.sh
+./scripts/setup.sh train
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 if ! ls "$MODEL_DIR"/*/model.tflite >/dev/null 2>&1; then

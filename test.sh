@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv/ and run every check: stubs, lint, format, types, the whole test suite.
+# Set up .venv/ (all of uv.lock: the quick start's install + Keras/JAX, tracing and the dev
+# tools) and run every check: stubs, lint, format, types, the whole test suite.
 # MNIST_DATA_DIR points the tests at the IDX files (default ../shared/data/mnist).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -7,6 +8,8 @@ cd "$(dirname "$0")"
 ./scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-echo "== ruff";   .venv/bin/ruff check . && .venv/bin/ruff format --check .
+# one command a line: set -e does not stop at a failure on the left of &&
+echo "== ruff";   .venv/bin/ruff check .
+                  .venv/bin/ruff format --check .
 echo "== mypy";   .venv/bin/mypy
 echo "== pytest"; .venv/bin/python -m pytest "$@"

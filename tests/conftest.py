@@ -32,6 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras picks its backend once per process: training in this process needs TensorFlow's, and
 # the Keras runtime (JAX) is only tried in server processes of its own.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# The Python that runs `-m training` and `-m server`: CI points it at .venv/ (the lock) while the
+# SDK's tests run from a venv of the newest versions the SDK allows (deploy/ci/sdk_newest.sh).
+SERVER_PYTHON = os.environ.get("MNIST_TEST_SERVER_PYTHON") or sys.executable
 
 
 def _data_dir() -> Path:
@@ -63,7 +66,7 @@ def mnist_test(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 def run_training(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """``python -m training ARGS`` as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "training", *args],
+        [SERVER_PYTHON, "-m", "training", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -187,7 +190,7 @@ def start_server(
     log_file = open(log_path, "w")  # noqa: SIM115 - owned by the process for its lifetime
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "server", "--model-dir", str(model_dir),
+            SERVER_PYTHON, "-m", "server", "--model-dir", str(model_dir),
             "--host", "127.0.0.1", "--port", "0",
             "--metrics-host", "127.0.0.1", "--metrics-port", "0",
             "--poll-seconds", "0.5", "--ready-file", str(ready_path), *args,

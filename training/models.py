@@ -33,6 +33,16 @@ def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
     return inputs, scaled
 
 
+def _steps_per_execution() -> int:
+    """64 steps per call into TensorFlow instead of one for the small MLP: the same updates
+    (model.tflite came out byte-identical), training in 35 s instead of 77 s on 2 cores, where
+    the per-step Python overhead outweighed its arithmetic. One under a tf.distribute strategy,
+    where Keras 3's multi-step loop fails ("You must feed a value for placeholder tensor")."""
+    import tensorflow as tf
+
+    return 1 if tf.distribute.has_strategy() else 64
+
+
 def build_mlp(steps_per_epoch: int, epochs: int) -> keras.Model:
     """The TF2 tutorial model: Flatten, Dense(128, relu), Dropout(0.2), Dense(10, softmax); Adam."""
     del steps_per_epoch, epochs
@@ -46,6 +56,7 @@ def build_mlp(steps_per_epoch: int, epochs: int) -> keras.Model:
         optimizer=keras.optimizers.Adam(),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=_steps_per_execution(),
     )
     return model
 

@@ -83,6 +83,32 @@ if docker run --rm --entrypoint python mnist-serving:latest -c 'import tensorflo
     echo "FAIL: TensorFlow in the serving image"; exit 1
 fi
 
+ts "each image holds exactly the packages and versions uv.lock gives its install"
+# what the lock installs on this platform (markers evaluated) against what the image has
+for image_extra in "mnist-serving:latest " "mnist-serving-train:latest --extra=train"; do
+    image=${image_extra%% *} extra=${image_extra#* }
+    .tools/uv/bin/uv export --quiet --frozen --no-dev --no-emit-workspace --no-hashes --no-header \
+        --no-annotate $extra | .venv/bin/python -c '
+import sys
+from packaging.requirements import Requirement
+for line in filter(None, map(str.strip, sys.stdin)):
+    r = Requirement(line)
+    if not r.marker or r.marker.evaluate():
+        print(f"{r.name.lower()}=={str(r.specifier)[2:]}")' | sort >$D/lock-versions.txt
+    docker run --rm -i --entrypoint python "$image" - <<'PY' | sort >$D/image-versions.txt
+import re
+from importlib.metadata import distributions
+for d in distributions():
+    name = re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower()
+    if not name.startswith("mnist-"):
+        print(f"{name}=={d.version}")
+PY
+    diff $D/lock-versions.txt $D/image-versions.txt \
+        || { echo "FAIL: $image differs from uv.lock (< lock, > image)"; exit 1; }
+    echo "$image: $(wc -l <$D/image-versions.txt) packages as locked:" \
+        "$(grep -E '^(grpcio|protobuf|numpy|ai-edge-litert|tensorflow-cpu|keras)==' $D/image-versions.txt | tr '\n' ' ')"
+done
+
 ts "compose up (trainer, server, prometheus)"
 docker-compose "${C[@]}" up -d trainer server prometheus >$D/up.log 2>&1 || { cat $D/up.log; exit 1; }
 
