@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import numpy as np
@@ -23,9 +23,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_client import AsyncDigitClient
-from server.app import ModelServer
 from server.ready_file import read_ready_file, wait_for_ready_file
-from server.settings import parse_settings
+
+if TYPE_CHECKING:  # the server's own modules stay out of the SDK-only test venv
+    from server.app import ModelServer
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -305,6 +306,9 @@ class GatedRuntime:
 
 
 async def _start(model_dir: Path, *args: str) -> tuple[ModelServer, GatedRuntime]:
+    from server.app import ModelServer
+    from server.settings import parse_settings
+
     settings = parse_settings(
         ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "0", *args],
@@ -320,7 +324,7 @@ async def _start(model_dir: Path, *args: str) -> tuple[ModelServer, GatedRuntime
     return server, gate
 
 
-StartGated = Callable[..., Awaitable[tuple[ModelServer, GatedRuntime]]]
+StartGated = Callable[..., Awaitable[tuple["ModelServer", GatedRuntime]]]
 
 
 @pytest.fixture
