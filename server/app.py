@@ -87,16 +87,18 @@ def _channelz_server_ids() -> set[int]:
         return set()
 
 
-def transport_calls_started(server_id: int | None) -> int | None:
+def transport_calls(server_id: int | None) -> tuple[int, int] | None:
     """Calls gRPC's transport has received for the server with channelz id ``server_id``
-    since it started (``callsStarted``), or None when channelz cannot tell."""
+    since it started, and of those the ones it has finished (channelz's ``callsStarted``,
+    ``callsSucceeded + callsFailed``), or None when channelz cannot tell."""
     if server_id is None:
         return None
     try:
         from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-        server = json.loads(cygrpc.channelz_get_server(server_id))["server"]
-        return int(server["data"].get("callsStarted", 0))
+        data = json.loads(cygrpc.channelz_get_server(server_id))["server"]["data"]
+        finished = int(data.get("callsSucceeded", 0)) + int(data.get("callsFailed", 0))
+        return int(data.get("callsStarted", 0)), finished
     except Exception:
         log.debug("channelz cannot tell the calls received", exc_info=True)
         return None
@@ -167,7 +169,9 @@ class ModelServer:
         # a call that ends without reaching the batcher may be what a filling batch waits for
         self.calls.on_finish = self.batcher.poke
         self.draining = False
-        self._received_at_drain: int | None = None  # calls gRPC had received at SIGTERM
+        # at SIGTERM: how many calls the server must have taken off gRPC's queue to have
+        # taken every call received by then
+        self._arrived_goal: int | None = None
         self.channelz_id: int | None = None  # this server's id in gRPC's channelz
         self.health = Health(
             list(SERVICES),
@@ -175,6 +179,7 @@ class ModelServer:
             [self._serves_itself],
             alive=lambda: self.batcher.alive,
             on_call=self.calls.arrive,
+            on_return=self.calls.leave,
         )
         self.exit_code = 0
         self.fatal = asyncio.Event()  # set when the process must stop (batcher failed)
@@ -391,24 +396,36 @@ class ModelServer:
         if self.draining:
             return
         self.draining = True
-        self._received_at_drain = transport_calls_started(self.channelz_id)
+        queued = self._queued_in_grpc()
+        self._arrived_goal = None if queued is None else self.calls.arrived + queued
         if self.worker is not None:
             self.worker.report(False)
+
+    def _queued_in_grpc(self) -> int | None:
+        """Calls waiting in gRPC's queue for the event loop: those the transport received
+        and has not finished, less those whose handler runs (None: channelz cannot tell)."""
+        counts = transport_calls(self.channelz_id)
+        if counts is None:
+            return None
+        started, finished = counts
+        return max(0, started - finished - self.calls.live)
 
     async def _take_in_received_calls(self, limit: float) -> None:
         """Keep admitting until the event loop has taken off gRPC's queue every call the
         transport had received at SIGTERM (they wait there in order; under load that can
-        be a while), at most ``limit`` seconds."""
-        target = self._received_at_drain
-        if target is None:
+        be a while), or the queue is empty, at most ``limit`` seconds."""
+        goal = self._arrived_goal
+        if goal is None:
             return
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
-        while self.calls.arrived < target and loop.time() < end:
+        while self.calls.arrived < goal and loop.time() < end:
+            if not self._queued_in_grpc():  # (a call that just finished is not queued)
+                return
             await asyncio.sleep(0.005)
-        if self.calls.arrived < target:
+        if self.calls.arrived < goal:
             log.warning("%d calls received before SIGTERM had not reached the server after "
-                        "%.1fs", target - self.calls.arrived, limit)  # fmt: skip
+                        "%.1fs", goal - self.calls.arrived, limit)  # fmt: skip
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, pre-stop window, take in the calls gRPC had already received,

@@ -35,6 +35,7 @@ class CallTracker:
         self.streams = 0  # of those, streams
         self.reading = 0  # unary calls waiting for their request message (not admitted yet)
         self.arrived = 0  # calls taken off gRPC's queue so far, any method (see ``arrive``)
+        self.live = 0  # of those, the ones whose handler has not returned yet
         self.active_by_method: collections.Counter[str] = collections.Counter()
         self.bytes = 0
         self.answered: collections.Counter[str] = collections.Counter()  # by status code name
@@ -50,8 +51,14 @@ class CallTracker:
 
     def arrive(self) -> None:
         """Count a call the server has just taken off gRPC's queue (any method, admitted or
-        not): the drain compares this with what gRPC's transport had received."""
+        not); its handler calls :meth:`leave` when it returns. The drain compares these with
+        what gRPC's transport has received."""
         self.arrived += 1
+        self.live += 1
+
+    def leave(self) -> None:
+        """A handler counted by :meth:`arrive` has returned."""
+        self.live -= 1
 
     def check_open(self) -> None:
         """UNAVAILABLE while draining: a new call is refused before anything is read."""

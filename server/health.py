@@ -36,17 +36,24 @@ class _CountedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc,na
     """grpcio-health-checking's servicer, telling ``on_call`` of each call it takes (the drain
     counts every call the server has taken off gRPC's queue)."""
 
-    def __init__(self, on_call: Callable[[], None]) -> None:
+    def __init__(self, on_call: Callable[[], None], on_return: Callable[[], None]) -> None:
         super().__init__()
         self._on_call = on_call
+        self._on_return = on_return
 
     async def Check(self, request: Any, context: Any) -> Any:
         self._on_call()
-        return await super().Check(request, context)
+        try:
+            return await super().Check(request, context)
+        finally:
+            self._on_return()
 
     async def Watch(self, request: Any, context: Any) -> None:
         self._on_call()
-        await super().Watch(request, context)
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._on_return()
 
 
 class Health:
@@ -59,8 +66,9 @@ class Health:
         conditions: Sequence[Callable[[], bool]],
         alive: Callable[[], bool] = lambda: True,
         on_call: Callable[[], None] = lambda: None,
+        on_return: Callable[[], None] = lambda: None,
     ) -> None:
-        self.servicer = _CountedHealthServicer(on_call)
+        self.servicer = _CountedHealthServicer(on_call, on_return)
         self._services = ["", *services]
         self._metrics = metrics
         self._conditions = list(conditions)

@@ -201,6 +201,7 @@ class UnaryMethod:
             if size:
                 calls.release(size)
             calls.finish(self.name, outcome.code, admitted)
+            calls.leave()
             images = call.images if call is not None else 0
             self.metrics.observe_rpc(self.name, outcome.code, images, time.perf_counter() - started)
         raise AssertionError("unreachable: an error leaves through context.abort")

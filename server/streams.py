@@ -125,9 +125,10 @@ class StreamMethod:
         self.calls.arrive()
         try:
             async with outcome:
+                self.calls.check_open()
+                self.auth.check(context)  # before it takes a place in the stream budget
                 self.calls.admit(self.name, stream=True)
                 admitted = True
-                self.auth.check(context)
                 self.precondition()
                 if self.tracing is None:
                     await _Stream(self, context).run()
@@ -136,6 +137,7 @@ class StreamMethod:
                         await _Stream(self, context).run()
         finally:
             self.calls.finish(self.name, outcome.code, admitted, stream=True)
+            self.calls.leave()
             self.metrics.observe_rpc(self.name, outcome.code, 0, time.perf_counter() - started)
 
     def rpc_handler(self) -> grpc.RpcMethodHandler:

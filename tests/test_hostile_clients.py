@@ -17,7 +17,7 @@ import pytest
 
 from mnist_client import AsyncDigitClient
 from mnist_client.pb import digit_classifier_pb2 as pb
-from server.app import ModelServer, transport_calls_started
+from server.app import ModelServer, transport_calls
 from server.errors import MAX_MESSAGE_CHARS
 from tests.conftest import StartGated, until
 
@@ -181,8 +181,9 @@ async def test_calls_received_before_sigterm_are_answered(
     server, _ = await start_gated()
     x, _ = mnist_test
     body = pb.PredictRequest(image=x[0].tobytes()).SerializeToString()
-    before = transport_calls_started(server.channelz_id)
-    assert before is not None
+    counts = transport_calls(server.channelz_id)
+    assert counts is not None
+    before = counts[0]
     channel = grpc.insecure_channel(_target(server))  # a client of its own, on its own thread
     call = channel.unary_unary(PREDICT)
     results: list[Any] = []
@@ -195,7 +196,7 @@ async def test_calls_received_before_sigterm_are_answered(
     # the loop is held (this coroutine does not yield) until gRPC has received all 50
     sender.start()
     deadline = time.monotonic() + 20
-    while (transport_calls_started(server.channelz_id) or 0) < before + 50:
+    while (transport_calls(server.channelz_id) or (0, 0))[0] < before + 50:
         assert time.monotonic() < deadline, "the calls never reached gRPC's transport"
         time.sleep(0.01)
     server.begin_drain()  # SIGTERM arrives now, with all 50 waiting in gRPC's queue
