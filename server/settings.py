@@ -11,11 +11,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from server.runtimes import RUNTIMES
 
 ENV_PREFIX = "MNIST_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{_flag(name)} must be 0-65535 (0 = pick a free one)")
+        if self.log_level.upper() not in LOG_LEVELS:
+            problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.workers < 1:
             problems.append("--workers must be >= 1 (or auto)")
         if self.model_threads < 0:
@@ -188,9 +194,16 @@ def _converter(name: str, annotation: str) -> Any:
     return str
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying a mistake in one line (and where help is) instead of the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """The argument parser, with defaults taken from ``environ``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m server",
         description="Serve a versioned MNIST SavedModel over gRPC (mnist.v1.DigitClassifier).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -118,3 +118,19 @@ def test_a_connection_that_never_sends_a_request_is_closed_after_its_timeout(
         assert 4 <= time.monotonic() - started <= 12
     finally:
         sock.close()
+
+
+def test_a_busy_metrics_port_is_named_in_the_error() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from server.metrics_http import MetricsServer
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(OSError, match=f"metrics port 127.0.0.1:{port}: "):
+            MetricsServer("127.0.0.1", port, CollectorRegistry(), ready=lambda: True)
+    finally:
+        taken.close()

@@ -65,17 +65,26 @@ def test_readme_documents_every_setting() -> None:
         (["--model-dir", "m", "--max-batch-size", "0"], {}, "--max-batch-size must be >= 1"),
         (["--model-dir", "m", "--tls-cert", "c"], {}, "--tls-cert and --tls-key go together"),
         (["--model-dir", "m"], {"MNIST_PORT": "http"}, "MNIST_PORT='http' is not a valid int"),
+        (["--model-dir", "m", "--port", "http"], {}, "invalid int value: 'http'"),
         (["--model-dir", "m", "--max-queue-images", "10"], {}, "--max-queue-images must be >="),
         (["--model-dir", "m"], {"MNIST_RUNTIME": "onnx"}, "--runtime must be one of auto, litert"),
+        (["--model-dir", "m", "--port", "70000"], {}, "--port must be 0-65535"),
+        (["--model-dir", "m", "--port", "-5"], {}, "--port must be 0-65535"),
+        (["--model-dir", "m", "--metrics-port", "70000"], {}, "--metrics-port must be 0-65535"),
+        (["--model-dir", "m", "--log-level", "LOUD"], {}, "--log-level must be one of DEBUG"),
+        (["--model-dir", "m"], {"MNIST_LOG_LEVEL": "loud"}, "--log-level must be one of DEBUG"),
+        (["--model-dir", "m", "--read-timeout-seconds", "0"], {}, "--read-timeout-seconds and"),
     ],
 )
-def test_bad_settings_exit_with_a_message(
+def test_bad_settings_exit_with_one_line(
     argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
         parse_settings(argv, environ=env)
     assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "(see python -m server --help)" in err, err  # no usage
 
 
 def test_arrays_and_bytes() -> None:
