@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class NoRequestMessage(InvalidArgument):
+    """The request stream ended without a message. When this status cannot be sent, gRPC's
+    core has ended the call itself, because the message was over --max-message-bytes: the
+    caller got RESOURCE_EXHAUSTED, and the call is counted so (not as CANCELLED)."""
+
+
 class Call:
     """What a method implementation gets besides the request bytes."""
 
@@ -121,7 +127,7 @@ class Outcome:
         # error lives, often in a reference cycle that only the garbage collector breaks.
         traceback.clear_frames(tb)
         if isinstance(err, ServiceError):
-            await self._abort(err.code, err.message)
+            await self._abort(err.code, err.message, err)
         elif isinstance(err, asyncio.CancelledError):
             self.code = ended_code(self.context)
         elif isinstance(err, Exception):
@@ -129,7 +135,9 @@ class Outcome:
             await self._abort(grpc.StatusCode.INTERNAL, "internal server error")
         return False
 
-    async def _abort(self, status: grpc.StatusCode, message: str) -> None:
+    async def _abort(
+        self, status: grpc.StatusCode, message: str, err: ServiceError | None = None
+    ) -> None:
         self.code = status.name
         try:
             await self.context.abort(status, message)
@@ -137,7 +145,10 @@ class Outcome:
             # The status could not be sent: gRPC had already ended the call (the client went
             # away, or the C core refused the message, e.g. one larger than
             # --max-message-bytes, which the client sees as RESOURCE_EXHAUSTED).
-            self.code = ended_code(self.context)
+            if isinstance(err, NoRequestMessage):
+                self.code = grpc.StatusCode.RESOURCE_EXHAUSTED.name
+            else:
+                self.code = ended_code(self.context)
             raise asyncio.CancelledError from None
 
 
@@ -221,7 +232,7 @@ class UnaryMethod:
         finally:
             calls.reading -= 1
         if not isinstance(raw, bytes):  # the stream ended before one whole message
-            raise InvalidArgument("the call carried no complete request message")
+            raise NoRequestMessage("the call carried no complete request message")
         return raw
 
     def rpc_handler(self) -> grpc.RpcMethodHandler:

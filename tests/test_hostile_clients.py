@@ -229,3 +229,21 @@ async def test_a_hung_model_call_turns_health_not_serving_until_it_returns(
         assert (await held).model_version == 1
         await until(lambda: srv.health.serving, timeout=10)
         assert await client.health() == "SERVING"
+
+
+async def test_a_message_over_the_size_limit_is_counted_as_the_caller_saw_it(
+    start_gated: StartGated,
+) -> None:
+    server, _ = await start_gated(
+        "--max-message-bytes", "100000", "--max-images-per-request", "100"
+    )
+    async with grpc.aio.insecure_channel(_target(server)) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary("/mnist.v1.DigitClassifier/BatchPredict")(bytes(200_000))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await until(lambda: sum(server.calls.answered.values()) == 1)
+    assert server.calls.answered == {"RESOURCE_EXHAUSTED": 1}  # not CANCELLED: alerts see it
+    sample = server.metrics.registry.get_sample_value(
+        "mnist_requests_total", {"method": "BatchPredict", "code": "RESOURCE_EXHAUSTED"}
+    )
+    assert sample == 1
