@@ -317,6 +317,7 @@ class ModelServer:
                 s.metrics_port,
                 self.metrics.registry,
                 ready=lambda: self.health.serving,
+                why_not=self.manager.waiting_for,
                 token=metrics_token,
                 tls_cert=s.metrics_tls_cert,
                 tls_key=s.metrics_tls_key,
@@ -373,6 +374,7 @@ class ModelServer:
             "metrics_port": self.metrics_port,
             "model_version": model.version if model else None,
             "model_load_seconds": model.load_seconds if model else None,
+            "waiting_for": self.manager.waiting_for(),
         }
 
     async def _load_and_follow(self) -> None:

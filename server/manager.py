@@ -33,6 +33,7 @@ from server.versions import (
 )
 
 log = logging.getLogger(__name__)
+WAITING_LOG_SECONDS = 30.0  # while no version serves, the reason is logged this often
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ModelManager:
         self._incomplete: dict[int, tuple[int, ...]] = {}  # version -> its stamp then
         self.last_failure: LoadFailure | None = None
         self._load_lock = threading.Lock()
+        self._next_waiting_log = 0.0  # time.monotonic() of the next "not serving" warning
 
     @property
     def current(self) -> LoadedModel | None:
@@ -129,11 +131,40 @@ class ModelManager:
                     log.info("now serving version %d (was %d)", model.version, current)
                 return True
 
+    def waiting_for(self) -> str | None:
+        """While no version serves: why, in one line (what is missing); else None."""
+        if self.current is not None:
+            return None
+        folder = self.model_dir
+        if not folder.is_dir():
+            return f"--model-dir {folder} does not exist (a typo?); no version can load"
+        versions = list_versions(folder)
+        if self.pinned_version is not None and self.pinned_version not in versions:
+            there = ", ".join(map(str, versions)) or "none"
+            return f"--model-version {self.pinned_version} is not in {folder} (versions: {there})"
+        if self.last_failure is not None:
+            return f"no version loaded; last failure: {self.last_failure.reason}"
+        if self._incomplete:
+            newest = max(self._incomplete)
+            return f"no version loaded; version {newest} is incomplete (still being written?)"
+        if not versions:
+            return f"{folder} holds no version yet (MODEL_DIR/1/, MODEL_DIR/2/, ...)"
+        return None
+
+    def warn_if_waiting(self) -> None:
+        """Log why no version serves (a WARNING), at most every :data:`WAITING_LOG_SECONDS`."""
+        reason = self.waiting_for()
+        now = time.monotonic()
+        if reason is not None and now >= self._next_waiting_log:
+            log.warning("not serving: %s", reason)
+            self._next_waiting_log = now + WAITING_LOG_SECONDS
+
     async def watch(self, poll_seconds: float, on_swap: Callable[[], Awaitable[object]]) -> None:
         """Check the folder every ``poll_seconds`` for a newer version; await ``on_swap`` after
         each swap. Runs until cancelled; a pinned version that is serving is never left."""
         loop = asyncio.get_running_loop()
         while self.pinned_version is None or self._serving is None:
+            self.warn_if_waiting()
             await asyncio.sleep(poll_seconds)
             try:
                 swapped = await loop.run_in_executor(None, self.refresh)

@@ -72,6 +72,7 @@ class MetricsServer:
         registry: CollectorRegistry,
         *,
         ready: Callable[[], bool],
+        why_not: Callable[[], str | None] = lambda: None,
         token: bytes | None = None,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
@@ -90,6 +91,7 @@ class MetricsServer:
         self.port: int = self._sock.getsockname()[1]
         self._registry = registry
         self._ready = ready
+        self._why_not = why_not  # what /readyz says besides "not serving"
         self._expected = b"Bearer " + token if token is not None else None
         self._max_connections = max_connections
         self._timeout = timeout
@@ -167,7 +169,10 @@ class MetricsServer:
         text = [("Content-Type", "text/plain")]
         if url.path in ("/readyz", "/healthz"):
             ok = url.path == "/healthz" or self._ready()
-            return (200, text, b"ok\n") if ok else (503, text, b"not serving\n")
+            if ok:
+                return 200, text, b"ok\n"
+            why = self._why_not()
+            return 503, text, f"not serving{': ' + why if why else ''}\n".encode()
         if self._expected is not None:
             presented = headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(presented, self._expected):

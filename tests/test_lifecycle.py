@@ -240,3 +240,32 @@ def test_drain_under_steady_traffic_is_bounded_by_the_work_in_flight(
     assert took < 10, f"the drain took {took:.1f}s under steady traffic"
     assert refused_while_draining > 0  # the late calls really kept coming
     assert srv.ready()["answered"]["OK"] == traffic.codes["OK"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("make", "flags", "said"),
+    [
+        (False, (), "does not exist (a typo?)"),
+        (True, ("--model-version", "7"), "--model-version 7 is not in"),
+    ],
+    ids=["missing-folder", "missing-version"],
+)
+def test_a_server_that_cannot_serve_says_what_is_missing(
+    trained_model_dir: Path, tmp_path: Path, make: bool, flags: tuple[str, ...], said: str
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    model_dir = tmp_path / "modles"  # the typo
+    if make:
+        model_dir.mkdir()
+        _publish(trained_model_dir / "1", model_dir, 1)
+    srv = start_server(model_dir, tmp_path / "server.log", *flags, serving=False)
+    try:
+        assert wait_for(lambda: said in srv.log() and "WARNING" in srv.log(), timeout=30)
+        assert said in str(srv.ready()["waiting_for"])
+        with pytest.raises(urllib.error.HTTPError) as probe:
+            urllib.request.urlopen(srv.metrics_url.replace("/metrics", "/readyz"), timeout=5)
+        assert probe.value.code == 503 and said in probe.value.read().decode()
+    finally:
+        assert srv.stop() == 0
