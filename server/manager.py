@@ -80,7 +80,7 @@ class ModelManager:
         """The version being served; UNAVAILABLE (retry elsewhere) while none is loaded yet."""
         model = self.current
         if model is None:
-            raise Unavailable("no model version is loaded yet")
+            raise Unavailable(f"no model version is loaded yet: {self.waiting_for() or 'loading'}")
         return model
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, int]:

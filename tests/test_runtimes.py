@@ -264,3 +264,26 @@ def test_a_version_copied_file_by_file_is_served_only_once_complete(
     assert manager.refresh() is True
     assert manager.current is not None and manager.current.version == 2
     assert manager.current.metadata == json.loads((src / "metadata.json").read_text())
+
+
+def test_auto_falls_back_from_a_corrupt_tflite_and_says_why(
+    trained_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from server.errors import Unavailable
+    from server.manager import ModelManager
+    from server.metrics import ServerMetrics
+
+    version = _copy_version(trained_model_dir / "1", tmp_path)
+    meta = json.loads((version / "metadata.json").read_text())
+    del meta["files"], meta["exports"]  # an export without recorded checksums
+    (version / "metadata.json").write_text(json.dumps(meta))
+    (version / "model.tflite").write_bytes(b"not a flatbuffer" * 64)
+    with caplog.at_level("WARNING"):
+        model = load_version(tmp_path, 1, "auto")
+    assert model.runtime_name == "tensorflow"
+    assert "litert: cannot read its file" in caplog.text
+    # on litert alone it fails, and a caller is told why no version serves
+    manager = ModelManager(tmp_path, ServerMetrics(), runtime="litert")
+    assert manager.refresh() is False
+    with pytest.raises(Unavailable, match=r"no model version is loaded yet: .*last failure"):
+        manager.serving_model()

@@ -8,8 +8,10 @@ A runtime turns a version folder into something that computes a batch (:class:`R
 * ``tensorflow``: the SavedModel itself, on a GPU where TensorFlow sees one.
 
 ``auto`` prefers LiteRT on a CPU; on a machine with an NVIDIA GPU, TensorFlow if it is
-installed, else Keras/JAX if JAX sees the GPU. It falls back (with a warning) to the next
-runtime that is installed and can read the version. Adding a runtime: a module here
+installed, else Keras/JAX if JAX sees the GPU. It falls back (with a warning naming each
+runtime's reason) to the next runtime that is installed and can read the version, including
+when a runtime's file is corrupt; but a file that fails the SHA-256 its metadata records
+fails the whole version first (``server.versions``). Adding a runtime: a module here
 with ``NAME``, ``available()`` and a loader returning a :class:`Runtime`, one entry in
 :data:`RUNTIMES` and in :func:`load_runtime`; the version checks in ``server.verify`` apply to
 it unchanged.
@@ -59,6 +61,12 @@ def load_runtime(setting: str, version_dir: Path, threads: int, max_batch: int) 
             runtime = _load(name, version_dir, threads, max_batch, auto=setting == "auto")
         except RuntimeUnusable as err:
             reasons.append(f"{name}: {err}")
+            continue
+        except Exception as err:  # a corrupt file can make a loader raise anything
+            if setting != "auto":
+                raise
+            log.debug("%s on %s failed", version_dir, name, exc_info=True)
+            reasons.append(f"{name}: cannot read its file ({type(err).__name__}: {err})"[:300])
             continue
         if reasons:
             log.warning("%s served by %s: %s", version_dir, name, "; ".join(reasons))
