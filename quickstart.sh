@@ -23,14 +23,24 @@ elif [ -n "${1:-}" ]; then
 fi
 
 MODEL_DIR="${MODEL_DIR:-models}"
+ARCH_ASKED="${ARCH:-}"
 ARCH="${ARCH:-mlp}"
 
 ./scripts/setup.sh train
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-if ! ls "$MODEL_DIR"/*/model.tflite >/dev/null 2>&1; then
+NOTICES='All log messages before absl::InitializeLog|oneDNN custom operations are on|Created TensorFlow Lite XNNPACK delegate'
+# TensorFlow's C++ logging below errors (its graph-attribute notices read as failures)
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+if ! ls "$MODEL_DIR"/*/metadata.json >/dev/null 2>&1; then
     echo "== no model in $MODEL_DIR/: training the $ARCH model"
-    .venv/bin/python -m training --arch "$ARCH" --model-dir "$MODEL_DIR" "${data_args[@]}" --quiet
+    # TensorFlow's and LiteRT's start-up notices (printed before any log level applies) are
+    # not for a newcomer: everything else the trainer says is kept
+    .venv/bin/python -m training --arch "$ARCH" --model-dir "$MODEL_DIR" "${data_args[@]}" --quiet \
+        2> >(grep -v -E "$NOTICES" >&2)
+elif [ -n "$ARCH_ASKED" ]; then
+    echo "== $MODEL_DIR/ already holds a version: serving it, not training ARCH=$ARCH_ASKED"
+    echo "   (to add a $ARCH_ASKED version: .venv/bin/python -m training --arch $ARCH_ASKED" \
+         "--model-dir $MODEL_DIR ${data_args[*]}; the server picks it up)"
 fi
 
 echo "== serving $MODEL_DIR/ on port ${MNIST_PORT:-8500} (metrics on ${MNIST_METRICS_PORT:-9100}); Ctrl-C stops"
