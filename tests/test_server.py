@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from mnist_client import AsyncDigitClient, DigitClient
+from mnist_client import AsyncDigitClient, DigitClient, StreamResult
 from mnist_client.pb import digit_classifier_pb2 as pb
 from tests.conftest import ROOT, ServerProcess, start_server
 
@@ -201,17 +201,15 @@ def test_async_client_has_the_same_methods(
     assert digit == first and health == "SERVING" and version == 1
 
 
-def test_a_bad_input_ends_a_stream_after_the_answers_sync_and_async(
+def test_a_bad_image_fails_alone_and_a_broken_source_ends_the_stream_sync_and_async(
     server: ServerProcess, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    from mnist_client import ImageError
-
     x, _ = mnist_test
 
     def images() -> Iterator[object]:
         yield x[0]
+        yield b"not an image"  # its own error answer, as the README promises; the stream goes on
         yield x[1]
-        yield b"not an image"
 
     def failing_source() -> Iterator[object]:
         yield x[0]
@@ -222,25 +220,25 @@ def test_a_bad_input_ends_a_stream_after_the_answers_sync_and_async(
             await asyncio.sleep(0)
             yield image
 
+    def check(results: list[StreamResult]) -> None:
+        by_id = {r.id: r for r in results}
+        assert sorted(by_id) == [0, 1, 2] and by_id[0].ok and by_id[2].ok
+        error = by_id[1].error
+        assert error is not None and error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "12 bytes, expected 784" in error.message
+
     with DigitClient(server.target) as client:
+        check(list(client.predict_stream(images())))
         seen: list[int] = []
-        with pytest.raises(ImageError):
-            seen.extend(r.id for r in client.predict_stream(images()))
-        assert sorted(seen) == [0, 1]  # answered before the error is raised
-        seen.clear()
         with pytest.raises(RuntimeError, match="source broke"):
             seen.extend(r.id for r in client.predict_stream(failing_source()))
         assert seen == [0]
 
-    async def go() -> list[int]:
-        got: list[int] = []
+    async def go() -> list[StreamResult]:
         async with AsyncDigitClient(server.target) as client:
-            with pytest.raises(ImageError):
-                async for r in client.predict_stream(async_images()):
-                    got.append(r.id)
-        return got
+            return [r async for r in client.predict_stream(async_images())]
 
-    assert sorted(asyncio.run(go())) == [0, 1]
+    check(asyncio.run(go()))
 
 
 def test_cli_predicts_image_files(

@@ -9,6 +9,7 @@ exponential backoff and nothing else: a request the server refused as wrong or t
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import grpc.aio
 import numpy as np
 
 from mnist_client import health_codec
-from mnist_client.images import to_batch, to_image_bytes
+from mnist_client.images import ImageError, to_batch, to_image_bytes
 from mnist_client.pb import digit_classifier_pb2 as pb
 from mnist_client.pb import digit_classifier_pb2_grpc as pb_grpc
 from mnist_client.timing import Timing, from_metadata
@@ -173,26 +174,37 @@ def _stream_result(resp: pb.PredictStreamResponse) -> StreamResult:
 class _StreamRequests:
     """The request messages of a stream, converted one by one as gRPC asks for them.
 
-    An error from the caller's side (an image that cannot be converted, or the caller's own
-    iterator raising) ends the stream: images already sent are still answered, and the error
-    is kept in ``error`` to be raised after the answers, instead of becoming an opaque
-    CANCELLED inside gRPC.
+    An image that cannot be converted (wrong size, unreadable file) is not sent: its answer,
+    an INVALID_ARGUMENT error under its id, is kept in ``local`` and handed out among the
+    server's answers, and the stream goes on, as for an image the server refuses. The
+    caller's own iterator raising ends the stream: images already sent are still answered,
+    and the error is kept in ``error`` to be raised after the answers, instead of becoming an
+    opaque CANCELLED inside gRPC.
     """
 
     def __init__(self) -> None:
         self._next_id = 0
         self.error: Exception | None = None
+        # answers made here (appended on gRPC's thread, taken on the caller's)
+        self.local: collections.deque[StreamResult] = collections.deque()
 
-    def _message(self, image: Any) -> pb.PredictStreamRequest:
-        message = pb.PredictStreamRequest(id=self._next_id, image=to_image_bytes(image))
+    def _message(self, image: Any) -> pb.PredictStreamRequest | None:
+        request_id = self._next_id
         self._next_id += 1
-        return message
+        try:
+            return pb.PredictStreamRequest(id=request_id, image=to_image_bytes(image))
+        except ImageError as err:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            self.local.append(StreamResult(request_id, error=PredictionError(code, str(err))))
+            return None
 
     def of(self, images: Iterable[Any]) -> Iterator[pb.PredictStreamRequest]:
         """Messages for an iterable of images."""
         try:
             for image in images:
-                yield self._message(image)
+                message = self._message(image)
+                if message is not None:
+                    yield message
         except Exception as err:  # the caller's: kept, raised after the answers
             self.error = err
 
@@ -200,9 +212,16 @@ class _StreamRequests:
         """Messages for an async iterable of images."""
         try:
             async for image in images:
-                yield self._message(image)
+                message = self._message(image)
+                if message is not None:
+                    yield message
         except Exception as err:  # the caller's: kept, raised after the answers
             self.error = err
+
+    def take_local(self) -> Iterator[StreamResult]:
+        """The answers made here so far."""
+        while self.local:
+            yield self.local.popleft()
 
 
 def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
@@ -378,7 +397,9 @@ class DigitClient(_ClientBase):
         """
         requests = _StreamRequests()
         for resp in self._stub.PredictStream(requests.of(images), **self._stream_kw(timeout)):
+            yield from requests.take_local()
             yield _stream_result(resp)
+        yield from requests.take_local()
         if requests.error is not None:
             raise requests.error
 
@@ -436,7 +457,11 @@ class AsyncDigitClient(_ClientBase):
         source = requests.of(images) if isinstance(images, Iterable) else requests.of_async(images)
         call = self._stub.PredictStream(source, **self._stream_kw(timeout))
         async for resp in call:
+            for result in requests.take_local():
+                yield result
             yield _stream_result(resp)
+        for result in requests.take_local():
+            yield result
         if requests.error is not None:
             raise requests.error
 
