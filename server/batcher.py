@@ -363,9 +363,11 @@ class DynamicBatcher:
     def _compute(self, batch: list[_Slice]) -> None:
         n = sum(s.stop - s.start for s in batch)
         try:
+            gathering = time.perf_counter()
             parts = [s.request.images[s.start : s.stop] for s in batch]
             images = parts[0] if len(parts) == 1 else np.concatenate(parts)
             started = time.perf_counter()
+            input_s = started - gathering
             self._computing_since = time.monotonic()
             try:
                 probs, version = self._model_fn(images)
@@ -387,7 +389,7 @@ class DynamicBatcher:
             self._post(self._fail_all, [s.request for s in batch], error)
             return
         self._metrics.batch_size.observe(n)
-        self._post(self._deliver, batch, probs, version, compute_s)
+        self._post(self._deliver_and_count, batch, probs, version, input_s, compute_s)
 
     def _release(self, req: Pending) -> None:
         """Take a request's images that are still queued out of the count. Under the lock."""
@@ -409,6 +411,16 @@ class DynamicBatcher:
         for req in requests:
             if not req.future.done():
                 req.future.set_exception(error)
+
+    def _deliver_and_count(
+        self, batch: list[_Slice], probs: np.ndarray, version: int, input_s: float,
+        compute_s: float,
+    ) -> None:  # fmt: skip
+        """Hand the batch's answers out, then count the call (both on the event loop)."""
+        started = time.perf_counter()
+        self._deliver(batch, probs, version, compute_s)
+        output_s = time.perf_counter() - started
+        self._metrics.stats.observe_batch(len(probs), input_s, compute_s, output_s)
 
     @staticmethod
     def _deliver(batch: list[_Slice], probs: np.ndarray, version: int, compute_s: float) -> None:

@@ -62,6 +62,10 @@ class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

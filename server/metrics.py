@@ -50,16 +50,52 @@ class Duration:
 
 
 @dataclass
+class BatchStats:
+    """The model calls of one batch size: gathering their input, the call, splitting its
+    output (each Duration counts the calls)."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
 class InferenceStats:
     """Plain running totals of inference, for protocols that report them per call
-    (KServe/Triton ModelStatistics): this process's own figures, not scraped ones."""
+    (KServe/Triton ModelStatistics): this process's own figures, not scraped ones.
 
-    success: Duration = field(default_factory=Duration)  # inference calls answered OK
-    fail: Duration = field(default_factory=Duration)  # inference calls that failed
+    The three compute durations count model calls and are added together, on the event loop,
+    by :meth:`observe_batch`: Triton's tools (perf_analyzer) refuse statistics whose three
+    compute counts differ, and a reader on the event loop never sees them half updated.
+    """
+
+    success: Duration = field(default_factory=Duration)  # inference requests answered OK
+    fail: Duration = field(default_factory=Duration)  # inference requests that failed
     queue: Duration = field(default_factory=Duration)  # per request, until its first batch
+    compute_input: Duration = field(default_factory=Duration)  # gathering a batch's images
     compute: Duration = field(default_factory=Duration)  # per model call
+    compute_output: Duration = field(default_factory=Duration)  # splitting its answer
+    batches: dict[int, BatchStats] = field(default_factory=dict)  # by batch size
     images: int = 0  # images computed
     last_inference: float = 0.0  # time.time() of the last model call
+
+    def observe_batch(self, images: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """One model call of ``images`` images, with its three phases' seconds."""
+        by_size = self.batches.get(images)
+        if by_size is None:
+            by_size = self.batches[images] = BatchStats()
+        for total, seconds in (
+            (self.compute_input, input_s), (self.compute, infer_s),
+            (self.compute_output, output_s), (by_size.compute_input, input_s),
+            (by_size.compute_infer, infer_s), (by_size.compute_output, output_s),
+        ):  # fmt: skip
+            total.add(seconds)
+        self.images += images
+        self.last_inference = time.time()
+
+    def observe_request(self, ok: bool, seconds: float) -> None:
+        """One inference request answered (``ok``) or failed, after ``seconds``."""
+        (self.success if ok else self.fail).add(seconds)
 
 
 class ServerMetrics:
@@ -149,7 +185,7 @@ class ServerMetrics:
     def observe_rpc(self, method: str, code: str, images: int, seconds: float) -> None:
         """Record one finished RPC (one that carried images counts as an inference)."""
         if images:
-            (self.stats.success if code == "OK" else self.stats.fail).add(seconds)
+            self.stats.observe_request(code == "OK", seconds)
         children = self._rpc_children.get((method, code))
         if children is None:  # labels() costs a lock and a tuple per call: look up once
             children = self._rpc_children[(method, code)] = (
@@ -169,11 +205,9 @@ class ServerMetrics:
         self.stats.queue.add(seconds)
 
     def observe_compute(self, histogram: Any, seconds: float, images: int) -> None:
-        """One model call: ``histogram`` is the compute-time child for its device."""
+        """One model call: ``histogram`` is the compute-time child for its device (its
+        :class:`InferenceStats` come from the batcher, :meth:`InferenceStats.observe_batch`)."""
         histogram.observe(seconds)
-        self.stats.compute.add(seconds)
-        self.stats.images += images
-        self.stats.last_inference = time.time()
 
     def track(self, gauge: Any, read: Callable[[], float]) -> None:
         """Make ``gauge`` show ``read()``: at scrape time in one process, and at every

@@ -278,7 +278,7 @@ class _Stream:
             try:
                 m.calls.charge(len(raw))
             except ServiceError as err:  # the server's byte budget is spent: this one's error
-                self._post(codec.fail(key, err), n, 0, err.code.name)
+                self._post(codec.fail(key, err), n, 0, err.code.name, read_at)
                 continue
             self.held_bytes += len(raw)
             try:
@@ -290,7 +290,7 @@ class _Stream:
                 self.draining = True
                 return
             except ServiceError as err:  # e.g. the queue is full: this message's own error
-                self._post(codec.fail(key, err), n, len(raw), err.code.name)
+                self._post(codec.fail(key, err), n, len(raw), err.code.name, read_at)
                 continue
             self.pending.add(pending)
             pending.future.add_done_callback(self._answered(key, pending, read_at, len(raw)))
@@ -304,13 +304,13 @@ class _Stream:
                 return
             n = len(pending.images)
             try:
-                self._post(self._answer(key, pending, future, read_at), n, size, None)
+                self._post(self._answer(key, pending, future, read_at), n, size, None, read_at)
             except ServiceError as err:
-                self._post(self.m.codec.fail(key, err), n, size, err.code.name)
+                self._post(self.m.codec.fail(key, err), n, size, err.code.name, read_at)
             except Exception as err:  # a bug: answered, logged, the stream goes on
                 log.error("stream image failed", exc_info=err)
                 failure = Internal("internal server error")
-                self._post(self.m.codec.fail(key, failure), n, size, "INTERNAL")
+                self._post(self.m.codec.fail(key, failure), n, size, "INTERNAL", read_at)
 
         return done
 
@@ -328,9 +328,19 @@ class _Stream:
         total_s = time.perf_counter() - read_at if self.m.server_timing else None
         return self.m.codec.answer(key, answer, total_s)
 
-    def _post(self, answer: bytes, images: int, size: int, error_code: str | None) -> None:
-        """Queue an answer that settles ``images`` in flight and ``size`` bytes held."""
+    def _post(
+        self, answer: bytes, images: int, size: int, error_code: str | None,
+        read_at: float | None = None,
+    ) -> None:  # fmt: skip
+        """Queue an answer that settles ``images`` in flight and ``size`` bytes held.
+
+        ``read_at``: the answer is to an inference request read then (its images were read),
+        counted as one in the statistics, as a unary call is (a message that could not be read
+        is not an inference request, as a unary call that could not be read is not).
+        """
         if error_code is not None:
             self.m.metrics.images.labels(self.m.name, error_code).inc(images)
+        if read_at is not None:
+            self.m.metrics.stats.observe_request(error_code is None, time.perf_counter() - read_at)
         self.outbox.append((answer, images, size))
         self.ready.set()

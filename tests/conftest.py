@@ -149,6 +149,23 @@ def need(tool: str, install: str | None = None) -> str:
     return shutil.which(tool) or missing(tool, install or f"apt-get install {tool}")
 
 
+PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
+
+
+def perf_analyzer() -> str:
+    """Triton's perf_analyzer as ``scripts/perf_analyzer.sh`` installs it (``.ci/run`` does),
+    or :func:`missing`: also when it is there but cannot start (libb64 not installed)."""
+    install = "scripts/perf_analyzer.sh and apt-get install libb64-0d"
+    if not PERF_ANALYZER.exists():
+        missing("perf_analyzer", install)
+    check = subprocess.run(
+        [str(PERF_ANALYZER), "--version"], capture_output=True, text=True, timeout=60
+    )
+    if check.returncode != 0:
+        missing(f"a working perf_analyzer ({check.stderr.strip()[-200:]})", install)
+    return str(PERF_ANALYZER)
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` loopback ports free at the moment (bound at once, so they differ)."""
     sockets = [socket.socket() for _ in range(n)]

@@ -113,16 +113,99 @@ def test_triton_async_and_stream_infer(
         np.testing.assert_array_equal(probs, sdk_probabilities[i % 64])
 
 
+def _count(stats: dict, *path: str) -> int:  # type: ignore[type-arg]
+    for key in path:
+        stats = stats.get(key, {})
+    return int(stats or 0)  # type: ignore[arg-type]
+
+
 def test_triton_statistics_count_what_was_inferred(server: ServerProcess) -> None:
     client = tc.InferenceServerClient(server.target)
     before = client.get_inference_statistics("mnist", as_json=True)["model_stats"][0]
     client.infer("mnist", [_triton_input(np.zeros((5, 28, 28), np.uint8))])
     after = client.get_inference_statistics("mnist", as_json=True)["model_stats"][0]
-    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 5
-    success = after["inference_stats"]["success"]
-    assert int(success["count"]) > int(before["inference_stats"]["success"].get("count", 0))
-    assert int(after["inference_stats"]["queue"]["ns"]) > 0
-    assert int(after["inference_stats"]["compute_infer"]["ns"]) > 0
+    assert _count(after, "inference_count") - _count(before, "inference_count") == 5
+    success = ("inference_stats", "success", "count")
+    assert _count(after, *success) == _count(before, *success) + 1
+    assert _count(after, "inference_stats", "queue", "ns") > 0
+    # Triton's three compute phases, counted together (perf_analyzer aborts otherwise)
+    phases = ("compute_input", "compute_infer", "compute_output")
+    counts = {_count(after, "inference_stats", p, "count") for p in phases}
+    assert counts == {_count(after, "execution_count")}
+    assert all(_count(after, "inference_stats", p, "ns") > 0 for p in phases)
+    # per batch size: the model calls of each size add up to them all
+    batches = after["batch_stats"]
+    assert {int(b["batch_size"]) for b in batches} >= {5}
+    for p in phases:
+        assert sum(_count(b, p, "count") for b in batches) == _count(after, "execution_count")
+    assert sum(int(b["batch_size"]) * _count(b, "compute_infer", "count") for b in batches) == (
+        _count(after, "inference_count")
+    )
+
+
+def test_triton_stream_requests_are_counted_and_marked_final(server: ServerProcess) -> None:
+    client = tc.InferenceServerClient(server.target)
+    before = client.get_inference_statistics("mnist", as_json=True)["model_stats"][0]
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    image = _triton_input(np.zeros((1, 28, 28), np.uint8))
+    for i in range(3):
+        client.async_stream_infer("mnist", [image], request_id=str(i),
+                                  enable_empty_final_response=True)  # fmt: skip
+    client.async_stream_infer("other", [image], request_id="bad", enable_empty_final_response=True)
+    finals = {}
+    for _ in range(4):  # each request's only answer is its final one: waiting ends
+        result, error = answers.get(timeout=10)
+        if error is not None:  # the error's bare message, as Triton's
+            assert str(error.message()).startswith("model 'other' is not served")  # type: ignore[attr-defined]
+            continue
+        response = result.get_response(as_json=True)  # type: ignore[attr-defined]
+        finals[response["id"]] = response["parameters"]["triton_final_response"]["bool_param"]
+    client.stop_stream()
+    assert finals == {"0": True, "1": True, "2": True}
+    after = client.get_inference_statistics("mnist", as_json=True)["model_stats"][0]
+    success = ("inference_stats", "success", "count")
+    assert _count(after, *success) - _count(before, *success) == 3
+    assert _count(after, "inference_stats", "fail", "count") == _count(
+        before, "inference_stats", "fail", "count"
+    )  # a request for another model never reached a model: not an inference
+
+
+def test_triton_stream_error_answers_are_final_with_the_bare_message(
+    server: ServerProcess,
+) -> None:
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="other", id="e1")
+    with grpc.insecure_channel(server.target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        (answer,) = list(stub.ModelStreamInfer(iter([request]), timeout=10))
+    assert answer.error_message == "model 'other' is not served here; this server serves 'mnist'"
+    assert answer.infer_response.id == "e1"
+    assert answer.infer_response.parameters["triton_final_response"].bool_param
+
+
+def test_triton_refusals_and_clamps_as_triton(server: ServerProcess) -> None:
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name="mnist")
+        tensor = request.inputs.add(name="images", datatype="UINT8", shape=[1, 28, 28])
+        tensor.contents.uint_contents.extend([0] * 784)
+        request.raw_input_contents.append(bytes(784))  # and the same again, raw
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert "contents field must not be specified" in info.value.details()  # type: ignore[attr-defined]
+    # more classes than there are: all ten, best first
+    client = tc.InferenceServerClient(server.target)
+    top = client.infer(
+        "mnist", [_triton_input(np.zeros((1, 28, 28), np.uint8))],
+        outputs=[tc.InferRequestedOutput("probabilities", class_count=25)],
+    ).as_numpy("probabilities")  # fmt: skip
+    assert top.shape == (1, 10)
+    assert sorted(int(cell.split(b":")[1]) for cell in top[0]) == list(range(10))
 
 
 @pytest.mark.parametrize(
@@ -234,6 +317,11 @@ def test_tf_serving_errors(tfs_channel: grpc.Channel) -> None:
         stub.Predict(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "input tensor alias not found in signature: pixels" in info.value.details()  # type: ignore[attr-defined]
+    request.model_spec.signature_name = "nope"  # TF Serving's status and words
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert info.value.details() == 'Serving signature key "nope" not found.'  # type: ignore[attr-defined]
     classify = tfs_channel.unary_unary("/tensorflow.serving.PredictionService/Classify")
     with pytest.raises(grpc.RpcError) as info:
         classify(b"", timeout=10)

@@ -5,16 +5,21 @@ ModelMetadata, ModelInfer), and Triton's ModelStreamInfer, ModelConfig and Model
 which tritonclient uses. The other Triton methods (repository, shared memory, trace, logging)
 are not registered, so gRPC answers UNIMPLEMENTED.
 
+* ModelStatistics counts as Triton does: inference requests (success, fail, queue), including
+  each request of a stream; model calls (execution count, and the three compute phases, whose
+  counts are always equal: perf_analyzer refuses them otherwise), also per batch size.
+* Stream answers carry ``triton_final_response`` and, for an error, its bare message.
+
 The model: name ``--model-name`` (``mnist``), its version the one being served; input
 ``images`` UINT8 ``[-1, 28, 28]``, output ``probabilities`` FP32 ``[-1, 10]``.
 
 * Inputs come in ``raw_input_contents`` (what tritonclient sends) or typed in
-  ``contents.uint_contents``; outputs always go in ``raw_output_contents`` (what tritonclient
-  reads), little-endian.
+  ``contents.uint_contents``, not both (INVALID_ARGUMENT, as in Triton); outputs always go
+  in ``raw_output_contents`` (what tritonclient reads), little-endian.
 * Requested outputs: none (all), or ``probabilities``. With Triton's ``classification``
   parameter (k) on it, the output is instead the top-k classes as BYTES ``"prob:digit"``,
-  the classification extension. Request ``id`` is copied into the answer. Other parameters
-  are accepted and ignored.
+  the classification extension (k above 10 is 10, as in Triton). Request ``id`` is copied
+  into the answer. Other parameters are accepted and ignored.
 * A wrong model name or version is NOT_FOUND; a wrong input name, datatype, shape or size,
   or an unknown output, is INVALID_ARGUMENT naming what was wrong.
 """
@@ -51,6 +56,9 @@ from server.wire import float32_le
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "mnist-serving"
 EXTENSIONS = ("classification", "model_configuration", "statistics", "binary_tensor_data")
+# Triton marks every ModelStreamInfer answer with it (the last answer to its request, and here
+# the only one): clients that wait for it (enable_empty_final_response) would wait forever.
+FINAL_RESPONSE = "triton_final_response"
 
 
 class KServe:
@@ -157,8 +165,15 @@ class KServe:
                 execution_count=st.compute.count,
                 inference_stats=triton.InferStatistics(
                     success=_duration(st.success), fail=_duration(st.fail),
-                    queue=_duration(st.queue), compute_infer=_duration(st.compute),
+                    queue=_duration(st.queue), compute_input=_duration(st.compute_input),
+                    compute_infer=_duration(st.compute),
+                    compute_output=_duration(st.compute_output),
                 ),
+                batch_stats=[triton.InferBatchStatistics(
+                    batch_size=size, compute_input=_duration(b.compute_input),
+                    compute_infer=_duration(b.compute_infer),
+                    compute_output=_duration(b.compute_output),
+                ) for size, b in sorted(st.batches.items())],
             )]
         ).SerializeToString()  # fmt: skip
 
@@ -206,14 +221,17 @@ class KServe:
                 answer.queue_s, answer.compute_s, total_s, answer.batch_size,
                 int(answer.versions[-1]),
             )  # fmt: skip
+        response.parameters[FINAL_RESPONSE].bool_param = True
         return triton.ModelStreamInferResponse(infer_response=response).SerializeToString()
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
         echo = oip.ModelInferResponse(
             model_name=key.model_name, model_version=key.model_version, id=key.id
         )
+        echo.parameters[FINAL_RESPONSE].bool_param = True
+        # the bare message, as Triton writes it (a stream answer has no status code)
         return triton.ModelStreamInferResponse(
-            error_message=f"{error.code.name}: {error.message}", infer_response=echo
+            error_message=error.message, infer_response=echo
         ).SerializeToString()
 
 
@@ -243,6 +261,11 @@ def _images(request: oip.ModelInferRequest, max_images: int) -> np.ndarray:
     shape = list(tensor.shape)
     n = image_count(shape, max_images)
     if request.raw_input_contents:
+        if tensor.HasField("contents"):  # Triton refuses the ambiguity too
+            raise InvalidArgument(
+                f"contents field must not be specified when using raw_input_contents for "
+                f"'{INPUT_NAME}'"
+            )
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument("raw_input_contents must hold one entry per input (one)")
         data = request.raw_input_contents[0]
@@ -265,14 +288,17 @@ def _images(request: oip.ModelInferRequest, max_images: int) -> np.ndarray:
 
 
 def _classes(request: oip.ModelInferRequest) -> int:
-    """Triton's classification extension: the k of ``classification`` on the output, or 0."""
+    """Triton's classification extension: the k of ``classification`` on the output, or 0.
+
+    More classes than the model has are all of them, as Triton answers.
+    """
     for output in request.outputs:
         param = output.parameters.get("classification")
         if param is not None:
             k = param.int64_param
-            if not 1 <= k <= NUM_CLASSES:
-                raise InvalidArgument(f"classification asks for {k} classes; 1 to 10 exist")
-            return int(k)
+            if k < 1:
+                raise InvalidArgument(f"classification asks for {k} classes; at least 1")
+            return int(min(k, NUM_CLASSES))
     return 0
 
 

@@ -9,8 +9,8 @@ As TensorFlow Serving does:
 * ``model_spec.name`` must be the served model's (``--model-name``), else NOT_FOUND;
   ``model_spec.version``, when set, must be the served version, else NOT_FOUND; a
   ``version_label`` is INVALID_ARGUMENT ("Unrecognized servable version label": no labels
-  are assigned); the signature must be ``serving_default`` (or empty). GetModelMetadata
-  needs ``metadata_field`` ``signature_def``.
+  are assigned); the signature must be ``serving_default`` (or empty), else
+  FAILED_PRECONDITION. GetModelMetadata needs ``metadata_field`` ``signature_def``.
 * The input tensor comes as ``tensor_content`` (what ``tf.make_tensor_proto`` writes for an
   array) or as typed ``int_val`` values, where fewer values than elements repeat the last one
   (TensorFlow's compact form). A wrong input key, dtype or shape is INVALID_ARGUMENT.
@@ -34,7 +34,7 @@ from mnist_client.contract import (
     SIGNATURE,
 )
 from server.batcher import DynamicBatcher
-from server.errors import InvalidArgument, NotFound, Unimplemented, bounded
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented, bounded
 from server.protocols.base import ServedModel, image_count, parse
 from server.protocols.pb import tensorflow_core_pb2 as tf
 from server.protocols.pb import tensorflow_serving_pb2 as tfs
@@ -83,10 +83,9 @@ class TFServing:
             raise NotFound(f"Servable not found for request: {request}") from None
         if version is not None and version != model.version:  # 0 included: it is a version
             raise NotFound(f"Servable not found for request: {request}")
-        if spec.signature_name not in ("", SIGNATURE):
-            raise InvalidArgument(
-                f"Serving signature name: '{bounded(spec.signature_name, 64)}' not found in "
-                f"signature def; this model has '{SIGNATURE}'"
+        if spec.signature_name not in ("", SIGNATURE):  # TF Serving's status and words
+            raise FailedPrecondition(
+                f'Serving signature key "{bounded(spec.signature_name, 64)}" not found.'
             )
         return model
 
