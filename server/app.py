@@ -458,6 +458,11 @@ class ModelServer:
         except TimeoutError:
             log.warning("grace period over with %d images queued", self.batcher.queued_images)
         await asyncio.sleep(QUIET_SECONDS)
+        # gRPC's stop cancels the calls still queued inside it (the caller sees CANCELLED, not
+        # the retryable UNAVAILABLE): let the last late ones reach a handler first
+        quiet_end = loop.time() + QUIET_SECONDS
+        while self._queued_in_grpc() and loop.time() < quiet_end:
+            await asyncio.sleep(0.005)
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
         if self._metrics_http is not None:

@@ -320,12 +320,20 @@ async def test_a_stream_goes_on_across_a_hot_swap(
     x, _ = mnist_test
     async with AsyncDigitClient(_target(server)) as client:
         gate.close()
+        more = asyncio.Event()
+
+        async def feed():  # type: ignore[no-untyped-def]
+            yield x[0]  # alone in the first model call, which the gate holds
+            await more.wait()
+            for image in x[1:30]:
+                yield image
 
         async def collect() -> list:  # type: ignore[type-arg]
-            return [r async for r in client.predict_stream(x[:30])]
+            return [r async for r in client.predict_stream(feed())]
 
         stream = asyncio.ensure_future(collect())
         await gate.wait_entered()
+        more.set()
         await until(lambda: len(gate.calls[0]) + server.batcher.queued_images == 30)
         shutil.copytree(trained_model_dir / "1", models / "2")
         assert await asyncio.to_thread(server.manager.refresh)  # version 2 now serves
