@@ -412,22 +412,16 @@ class ModelServer:
         started, finished = counts
         return max(0, started - finished - self.calls.live)
 
-    async def _take_in_received_calls(self, limit: float) -> None:
-        """Keep admitting until the event loop has taken off gRPC's queue every call the
-        transport had received at SIGTERM (they wait there in order; under load that can
-        be a while), or the queue is empty, at most ``limit`` seconds."""
-        goal = self._arrived_goal
-        if goal is None:
-            return
+    async def _empty_grpc_queue(self, limit: float, goal: int | None = None) -> None:
+        """Wait, at most ``limit`` seconds, until nothing waits in gRPC's queue for the event
+        loop (or, with ``goal``, until the server has taken that many calls off it in all:
+        they leave the queue in order)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
-        while self.calls.arrived < goal and loop.time() < end:
-            if not self._queued_in_grpc():  # (a call that just finished is not queued)
+        while self._queued_in_grpc() and loop.time() < end:
+            if goal is not None and self.calls.arrived >= goal:
                 return
             await asyncio.sleep(0.005)
-        if self.calls.arrived < goal:
-            log.warning("%d calls received before SIGTERM had not reached the server after "
-                        "%.1fs", goal - self.calls.arrived, limit)  # fmt: skip
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, pre-stop window, take in the calls gRPC had already received,
@@ -448,7 +442,12 @@ class ModelServer:
         if s.pre_stop_seconds:
             await asyncio.sleep(s.pre_stop_seconds)
         deadline = loop.time() + s.grace_seconds
-        await self._take_in_received_calls(min(s.grace_seconds, RECEIVED_CALLS_WAIT_SECONDS))
+        # keep admitting until every call gRPC had received at SIGTERM is taken in (it may
+        # wait in gRPC's queue behind others on a busy machine)
+        if self._arrived_goal is not None:
+            await self._empty_grpc_queue(
+                min(s.grace_seconds, RECEIVED_CALLS_WAIT_SECONDS), self._arrived_goal
+            )
         if not await self.calls.drain(s.grace_seconds):
             log.warning("grace period over with %d calls in flight", self.calls.active)
         try:
@@ -460,9 +459,7 @@ class ModelServer:
         await asyncio.sleep(QUIET_SECONDS)
         # gRPC's stop cancels the calls still queued inside it (the caller sees CANCELLED, not
         # the retryable UNAVAILABLE): let the last late ones reach a handler first
-        quiet_end = loop.time() + QUIET_SECONDS
-        while self._queued_in_grpc() and loop.time() < quiet_end:
-            await asyncio.sleep(0.005)
+        await self._empty_grpc_queue(QUIET_SECONDS)
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
         if self._metrics_http is not None:

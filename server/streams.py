@@ -175,13 +175,12 @@ class _Stream:
             if self.draining:
                 raise Unavailable("server is shutting down; every image read was answered")
             if self.idled_out:
-                if self.messages == 0:
-                    what, limit = "first message", f"{self.m.read_timeout:g} s (--read-timeout"
-                else:
-                    what, limit = "message", f"{self.m.idle_timeout:g} s (--stream-idle"
+                first = self.messages == 0
+                limit = self.m.read_timeout if first else self.m.idle_timeout
+                flag = "--read-timeout-seconds" if first else "--stream-idle-seconds"
                 raise DeadlineExceeded(
-                    f"the stream sent no {what} for {limit}-seconds) with nothing in flight; "
-                    "it is ended"
+                    f"the stream sent no {'first ' if first else ''}message for {limit:g} s "
+                    f"({flag}) with nothing in flight; it is ended"
                 )
             error = None if reader.cancelled() else reader.exception()
             if error is not None:

@@ -88,7 +88,7 @@ def check_complete(path: Path, metadata: dict[str, Any]) -> None:
     :class:`ModelLoadError` when a whole file differs from its recorded SHA-256."""
     listed = metadata.get(FILES_KEY)
     if listed is None:  # exported before FILES_KEY: the exported files' sizes
-        listed = {name: entry for name, entry in metadata.get(EXPORTS_KEY, {}).items()}
+        listed = metadata.get(EXPORTS_KEY, {})
     for name, entry in listed.items():
         file = path / name
         size = file.stat().st_size if file.is_file() else None
@@ -182,7 +182,8 @@ def load_version(
         metadata = read_metadata(path)
         check_complete(path, metadata)
         loaded = load_runtime(runtime, path, threads, max_batch)
-        _check_checksum(path, loaded.source, metadata)
+        if FILES_KEY not in metadata:  # else check_complete has checked every file
+            _check_checksum(path, loaded.source, metadata)
         probes = Probes.for_version(path, _warmup_sizes(loaded))
         if loaded.source == litert_runtime.COMPILED:
             from server.runtimes import tensorflow
