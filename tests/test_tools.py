@@ -47,7 +47,9 @@ def test_perf_analyzer_runs_and_its_server_counts_match(
         # the server's figures are read before and after each window: requests in flight at
         # each of its two edges (at most the concurrency at each) may fall on the other side
         assert abs(success - client) <= 2 * concurrency, run.stdout[-3000:]
-        assert images == success  # one image per request (batch size 1)
+        # one image per request (batch size 1); images are counted at the model call, a
+        # success at the answer, so a request between the two at an edge is in one only
+        assert abs(images - success) <= 2 * concurrency, run.stdout[-3000:]
         assert 0 < executions <= images
 
 
