@@ -65,10 +65,22 @@ class CallTracker:
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
 
+    def begin_read(self) -> None:
+        """A unary call that passed :meth:`check_open` waits for its request message: the
+        drain waits for it too (it arrived before the drain began)."""
+        self.reading += 1
+
+    def end_read(self) -> None:
+        """Its message arrived (the call is admitted next, with no await between) or never
+        will."""
+        self.reading -= 1
+        self._check_idle()
+
     def admit(self, method: str, stream: bool = False) -> None:
         """Take a call in (a unary call with its request read, or a stream as it opens), or
-        refuse it at once. Every admitted call must :meth:`finish`."""
-        self.check_open()
+        refuse it at once when over a limit. The caller has passed :meth:`check_open` (a
+        unary call as it arrived: the drain waits for its message). Every admitted call must
+        :meth:`finish`."""
         if stream:
             if self.streams >= self.max_streams:
                 raise ResourceExhausted(
@@ -105,10 +117,13 @@ class CallTracker:
             if stream:
                 self.streams -= 1
             self.active_by_method[method] -= 1
-            if self.active == 0 and self._idle is not None:
-                self._idle.set()
+            self._check_idle()
             if self.on_finish is not None:
                 self.on_finish()
+
+    def _check_idle(self) -> None:
+        if self.active == 0 and self.reading == 0 and self._idle is not None:
+            self._idle.set()
 
     def on_drain(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` when the drain begins (a stream stops reading then)."""
@@ -121,14 +136,15 @@ class CallTracker:
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls from now on, tell streams to stop reading, and wait up to
-        ``timeout`` s for the calls in flight.
+        ``timeout`` s for the calls in flight (and for the unary calls that arrived before
+        and are still reading their request: ``--read-timeout-seconds`` bounds those).
 
         Returns True when every call in flight finished in time.
         """
         self.draining = True
         for listener in list(self._drain_listeners):
             listener()
-        if self.active == 0:
+        if self.active == 0 and self.reading == 0:
             return True
         self._idle = asyncio.Event()
         try:

@@ -220,7 +220,7 @@ class UnaryMethod:
     async def _read(self, context: grpc.aio.ServicerContext) -> bytes:
         """The request message, or DEADLINE_EXCEEDED once ``read_timeout`` has passed."""
         calls = self.calls
-        calls.reading += 1
+        calls.begin_read()
         try:
             async with asyncio.timeout(self.read_timeout):
                 raw = await context.read()
@@ -230,7 +230,7 @@ class UnaryMethod:
                 "(--read-timeout-seconds); the call is ended"
             ) from None
         finally:
-            calls.reading -= 1
+            calls.end_read()
         if not isinstance(raw, bytes):  # the stream ended before one whole message
             raise NoRequestMessage("the call carried no complete request message")
         return raw

@@ -209,6 +209,36 @@ async def test_calls_received_before_sigterm_are_answered(
     assert server.calls.answered == {"OK": 50}
 
 
+async def test_a_call_still_sending_its_body_when_the_drain_begins_is_answered(
+    start_gated: StartGated, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A call that arrived before SIGTERM, its request message still on the way, is admitted
+    and answered once the message arrives; the drain waits for it (and new calls are refused)."""
+    server, _ = await start_gated()
+    x, _ = mnist_test
+    body = pb.PredictRequest(image=x[0].tobytes()).SerializeToString()
+    send = asyncio.Event()
+
+    async def late_body() -> AsyncIterator[bytes]:
+        await send.wait()
+        yield body
+
+    async with grpc.aio.insecure_channel(_target(server)) as channel:
+        slow = asyncio.ensure_future(channel.stream_unary(PREDICT)(late_body()))
+        await until(lambda: server.calls.reading == 1)
+        stopping = asyncio.ensure_future(server.stop())
+        await until(lambda: server.calls.draining)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary(PREDICT)(body)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not stopping.done()  # the drain waits for the call that is still reading
+        send.set()
+        answer = pb.PredictResponse.FromString(await slow)
+        await stopping
+    assert answer.model_version == 1
+    assert server.calls.answered == {"OK": 1, "UNAVAILABLE": 1}
+
+
 async def test_a_hung_model_call_turns_health_not_serving_until_it_returns(
     start_gated: StartGated, mnist_test: tuple[np.ndarray, np.ndarray], monkeypatch: Any
 ) -> None:
