@@ -4,8 +4,9 @@
 #     docker run -p 8500:8500 -p 9100:9100 -v $PWD/models:/models mnist-serving
 #   train: the training pipeline (TensorFlow), writing versions the server can serve.
 #     docker build --target train -t mnist-serving-train .
-#     docker run -v $PWD/models:/models -v /path/to/mnist:/data:ro mnist-serving-train \
-#         mnist-train --arch cnn --data-dir /data --model-dir /models
+#     mkdir -p models   # yours: the container runs as you (--user) and writes there
+#     docker run --user "$(id -u):$(id -g)" -v "$PWD/models:/models" -v /path/to/mnist:/data:ro \
+#         mnist-serving-train mnist-train --arch cnn --data-dir /data --model-dir /models
 # linux/amd64 only: ai-edge-litert (the serving runtime) has no Linux aarch64 wheel; on an
 # arm64 host build with --platform linux/amd64.
 
@@ -50,7 +51,8 @@ RUN /opt/uv/bin/uv sync --quiet --locked --no-editable --python python3 --extra 
 # -- train ------------------------------------------------------------------------------------
 FROM base AS train
 COPY --from=build-train /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH TF_CPP_MIN_LOG_LEVEL=2
+# HOME for Keras' and matplotlib's caches under any --user (the host folder's owner)
+ENV PATH=/opt/venv/bin:$PATH TF_CPP_MIN_LOG_LEVEL=2 HOME=/tmp MPLCONFIGDIR=/tmp/matplotlib
 USER mnist
 CMD ["mnist-train", "--help"]
 

@@ -1,16 +1,42 @@
-"""Every Python example in the README runs as written (against a real server)."""
+"""Every code example in the README runs as written: the Python ones and the shell ones here
+(against a real server), or, where one needs a Docker engine or minutes of training, in the
+check named for it in :data:`ELSEWHERE`."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, free_ports, missing
 
-BLOCKS = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README, re.S | re.M)
+SHELL = re.findall(r"^```bash\n(.*?)^```", README, re.S | re.M)
+GRPCURL = ROOT / ".tools" / "grpcurl" / "grpcurl"
+
+# Shell blocks run elsewhere, by their first words: where, and what differs from the README.
+ELSEWHERE = {
+    "apt-get install libb64-0d": "tests/test_tools.py::test_perf_analyzer_runs_and_its_server_"
+    "counts_match (.ci/run runs the install line; the test's windows are shorter and its "
+    "stability check off: 2 shared cores)",
+    ".venv/bin/python -m training --arch cnn": "tests/test_training.py::test_cnn_builds_and_"
+    "trains_a_step (the same command on 600 images, one epoch)",
+    "sudo apt-get install nghttp2-client": "tests/test_bench.py::test_bench_smoke_produces_"
+    "table_json_and_plot (the same command with --smoke; .ci/run installs nghttp2-client)",
+    "docker build -t mnist-serving .": "deploy/ci/compose_test.sh (builds both targets; runs "
+    "the training command as written, by a user who is not root, on a quick model)",
+    ".venv/bin/python scripts/gen_protos.py": "tests/test_protos.py::test_committed_stubs_"
+    "match_the_proto (with --check, into a temporary folder)",
+}
+# Shell blocks this file runs, by their first words.
+HERE = ("./quickstart.sh", ".venv/bin/python -m mnist_client health", "grpcurl -plaintext")
 
 
 def test_the_readme_has_python_examples() -> None:
@@ -26,3 +52,101 @@ def test_a_readme_example_runs_as_written(server: ServerProcess, code: str) -> N
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "the example printed nothing"
+
+
+def test_every_shell_example_is_run_by_a_test() -> None:
+    """A new shell block in the README needs a test here or an entry in ELSEWHERE, whose
+    test exists."""
+    for block in SHELL:
+        here = block.startswith(HERE)
+        elsewhere = [where for start, where in ELSEWHERE.items() if block.startswith(start)]
+        assert here or elsewhere, f"no test runs this README block:\n{block}"
+        for where in elsewhere:
+            path, _, test = where.split(" ")[0].partition("::")
+            assert test in (ROOT / path).read_text() if test else (ROOT / path).exists(), where
+    assert "sed -n '/^mkdir -p models/" in (ROOT / "deploy/ci/compose_test.sh").read_text()
+
+
+def _shell(block: str, **replace: str) -> subprocess.CompletedProcess[str]:
+    for old, new in replace.items():
+        block = block.replace(old, new)
+    env = {**os.environ, "PATH": f"{GRPCURL.parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("block", [b for b in SHELL if b.startswith("grpcurl")])
+def test_the_readme_grpcurl_examples_run_as_written(server: ServerProcess, block: str) -> None:
+    if not GRPCURL.exists():
+        missing("grpcurl", "scripts/grpcurl.sh")
+    result = _shell(block, **{"localhost:8500": server.target})
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {
+        "list": ["mnist.v1.DigitClassifier", "inference.GRPCInferenceService"],
+        "Predict": ['"probabilities"'],
+        "Health/Check": ['"status": "SERVING"'],
+        "describe": ["rpc ModelStreamInfer", "rpc ModelStatistics"],
+        "ModelStatistics": ['"model_stats"'],
+        "GetModelMetadata": ['"signature_def"'],
+    }
+    for word, outputs in expected.items():
+        if word in block:
+            for output in outputs:
+                assert output in result.stdout, (word, result.stdout[-3000:])
+
+
+def test_the_quick_start_serves_on_one_clean_screen_and_the_cli_examples_answer(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    """The README's first command (the second, ./test.sh, is this run), then its CLI block
+    against the server it started: the quick start's output up to SERVING fits one screen
+    and has no line a newcomer would read as a failure."""
+    quickstart = SHELL[0].splitlines()[0].split("#")[0].strip()
+    assert quickstart == "./quickstart.sh --data-dir ../shared/data/mnist"
+    port, metrics_port = free_ports(2)
+    env = {name: value for name, value in os.environ.items()  # a newcomer's shell sets none
+           if not name.startswith(("TF_", "MNIST_"))}  # fmt: skip
+    env |= {"MODEL_DIR": str(tmp_path / "models"), "MNIST_PORT": str(port),
+            "MNIST_METRICS_PORT": str(metrics_port)}  # fmt: skip
+    command = quickstart.replace("../shared/data/mnist", str(mnist_dir))
+    log = tmp_path / "quickstart.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command.split(), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 480
+        while "health: SERVING" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        screen = log.read_text().splitlines()
+        assert len(screen) <= 24, "\n".join(screen)
+        alarming = re.compile(r"error|traceback|warning|E0000|W0000|failed", re.I)
+        assert not [line for line in screen if alarming.search(line)], "\n".join(screen)
+
+        digit = tmp_path / "my_digit.png"
+        _write_png(mnist_dir, digit)
+        cli = _shell(
+            SHELL[1],
+            **{"localhost:8500": f"localhost:{port}", "my_digit.png": str(digit),
+               "--duration 10": "--duration 2"},
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
+        assert cli.stdout.startswith("SERVING"), cli.stdout[-2000:]
+        assert "digit" in cli.stdout.lower(), cli.stdout[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def _write_png(mnist_dir: Path, path: Path) -> None:
+    from PIL import Image
+
+    from training.data import load_idx_dir
+
+    Image.fromarray(load_idx_dir(mnist_dir).x_test[0]).save(path)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import run_training
+from tests.conftest import ROOT, SERVER_PYTHON, run_training
 from training.report import REPORT_FILES
 
 
@@ -137,3 +138,27 @@ def test_cli_choices_match_the_pipeline() -> None:
 
     assert set(cli.ARCHS) == set(models.ARCHITECTURES)
     assert cli.STRATEGIES == pipeline.STRATEGIES
+
+
+def test_a_model_folder_it_cannot_write_is_one_line_before_training(tmp_path: Path) -> None:
+    """As a Docker bind mount that Docker created as root, used by a container running as
+    another user: refused at once, saying whose folder it is and what to run instead."""
+    tmp_path.chmod(0o755)  # pytest's own folders above it are root's alone: open them up
+    for parent in tmp_path.parents[:2]:
+        parent.chmod(parent.stat().st_mode | 0o711)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    args = ["-m", "training", "--data-dir", str(tmp_path / "unread"),
+            "--model-dir", str(locked / "models")]  # fmt: skip
+    # root may write anywhere: then the command runs as a user who is not root
+    prefix = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    command = [*(prefix if os.geteuid() == 0 else []), SERVER_PYTHON, *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert line.startswith(f"error: {locked}: not writable by this process (uid "), line
+    assert "the folder belongs to uid " in line
+    assert 'docker run --user "$(id -u):$(id -g)"' in line
+    assert not (locked / "models").exists()

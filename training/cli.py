@@ -55,6 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unwritable(model_dir: Path) -> str | None:
+    """Why this process cannot create versions in ``model_dir`` (None: it can), said before
+    minutes of training, not after: typically a Docker bind mount that Docker created as root
+    while the container runs as another user."""
+    folder = model_dir.absolute()
+    try:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the first existing folder decides whether it can be made
+        if os.access(folder, os.W_OK | os.X_OK):
+            return None
+        owner = f"the folder belongs to uid {folder.stat().st_uid}"
+    except PermissionError:  # a folder above it cannot even be looked into
+        owner = "a folder above it cannot be looked into"
+    return (
+        f"{folder}: not writable by this process (uid {os.getuid()}; {owner}). With Docker, "
+        "create the host folder first and run the container as its owner: "
+        'mkdir -p models && docker run --user "$(id -u):$(id -g)" ...'
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m training`` and the ``mnist-train`` script."""
     args = build_parser().parse_args(argv)
@@ -67,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version is not None and (args.model_dir / str(args.version)).exists():
         print(f"error: {args.model_dir / str(args.version)}: version already exists",
               file=sys.stderr)  # fmt: skip
+        return 1
+    unwritable = _unwritable(args.model_dir)
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
         return 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

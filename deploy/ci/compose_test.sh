@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build the image and run the compose stack for real, then check it from outside:
-# predictions through the SDK on real digits, the container's health check, and Prometheus
-# having scraped the server. Starts its own Docker engine (Debian's docker.io), builds the
-# base image with debootstrap (no registry is reachable here) and stand-ins for the python and
-# prometheus images. Grafana has no Debian package and is not started; its dashboard is
-# tested against a real Prometheus in tests/test_deploy.py. Bounded: about 5 minutes.
+# predictions through the SDK on real digits, the container's health check, Prometheus having
+# scraped the server, and the README's training command run by a user who is not root. Starts
+# its own Docker engine (Debian's docker.io), builds the base image with debootstrap (no
+# registry is reachable here) and stand-ins for the python and prometheus images. Grafana has
+# no Debian package and is not started; its dashboard is tested against a real Prometheus in
+# tests/test_deploy.py. Bounded: about 5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -109,6 +110,22 @@ PY
         "$(grep -E '^(grpcio|protobuf|numpy|ai-edge-litert|tensorflow-cpu|keras)==' $D/image-versions.txt | tr '\n' ' ')"
 done
 
+ts "the README's training command, as written, by a user who is not root (folder of theirs)"
+# a host user with a home of their own; the engine's socket is this test's private one
+U=10002 H=$D/user-home
+rm -rf "$H" && install -d -o $U -g $U "$H"
+chmod 666 "${DOCKER_HOST#unix://}"
+cmd=$(sed -n '/^mkdir -p models/,/--model-dir \/models$/p' README.md)
+[ -n "$cmd" ] || { echo "FAIL: the README's training command not found"; exit 1; }
+cmd=${cmd//\/path\/to\/mnist/$MNIST_DATA}
+cmd=${cmd/--arch cnn/--arch mlp --limit 2000 --epochs 1 --quiet}  # a quick model, same path
+(cd "$H" && setpriv --reuid $U --regid $U --clear-groups env -i PATH="$PATH" HOME="$H" \
+    DOCKER_HOST="$DOCKER_HOST" bash -euc "$cmd") >$D/train-as-user.log 2>&1 \
+    || { tail -20 $D/train-as-user.log; echo "FAIL: the README's training command"; exit 1; }
+owner=$(stat -c %u "$H/models/1/model.tflite")
+[ "$owner" = $U ] || { echo "FAIL: version written as uid $owner, not the user's $U"; exit 1; }
+echo "trained as uid $U into a folder of theirs: $(ls "$H/models/1" | tr '\n' ' ')"
+
 ts "compose up (trainer, server, prometheus)"
 docker-compose "${C[@]}" up -d trainer server prometheus >$D/up.log 2>&1 || { cat $D/up.log; exit 1; }
 
@@ -148,4 +165,4 @@ for i in $(seq 1 60); do
     sleep 1
 done
 [ -n "$ok" ] || { echo "FAIL: Prometheus has no mnist_requests_total"; exit 1; }
-echo "compose stack: 4 passed, 0 failed"
+echo "compose stack: 5 passed, 0 failed"
