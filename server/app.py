@@ -32,6 +32,7 @@ from server.health import Health
 from server.manager import ModelManager
 from server.metrics import ServerMetrics
 from server.metrics_http import MetricsServer
+from server.monitoring import ModelMonitoring, PayloadLog
 from server.protocols.base import ServedModel
 from server.protocols.kserve import SERVICE as KSERVE_SERVICE
 from server.protocols.kserve import KServe
@@ -118,6 +119,19 @@ def _pending_limit(limit: int) -> list[tuple[str, int]]:
     ]
 
 
+def _monitoring(s: Settings) -> ModelMonitoring | None:
+    """Model-quality monitoring as the settings ask (``server.monitoring``)."""
+    if s.model_monitoring != "on":
+        return None
+    payload_log = None
+    if s.payload_log_dir is not None:
+        payload_log = PayloadLog(
+            s.payload_log_dir, s.payload_log_percent, s.payload_log_images == "on",
+            int(s.payload_log_max_mb * 1024 * 1024),
+        )  # fmt: skip
+    return ModelMonitoring(s.drift_window_seconds, payload_log)
+
+
 def _package_version() -> str:
     try:
         return importlib.metadata.version("mnist-serving")
@@ -147,6 +161,9 @@ class ModelServer:
             self.tracing = Tracing(tracer_provider or otlp_provider(), tuple(STREAMS))
         self.metrics = ServerMetrics()
         self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes, s.max_open_streams)
+        self.monitoring = _monitoring(s)
+        if self.monitoring is not None:
+            self.metrics.registry.register(self.monitoring)
         self.manager = ModelManager(
             s.model_dir,
             self.metrics,
@@ -154,6 +171,7 @@ class ModelServer:
             runtime=s.runtime,
             threads=s.model_threads,
             max_batch=s.max_batch_size,
+            monitoring=self.monitoring,
         )
         self.batcher = DynamicBatcher(
             self.manager.predict,
@@ -464,6 +482,8 @@ class ModelServer:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
         if self._metrics_http is not None:
             self._metrics_http.stop()
+        if self.monitoring is not None:
+            self.monitoring.close()
         answered = self.calls.answered
         self.health.write_final(answered=dict(answered))
         log.info(

@@ -24,6 +24,7 @@ import numpy as np
 
 from server.errors import Unavailable
 from server.metrics import ServerMetrics
+from server.monitoring import ModelMonitoring, VersionMonitor
 from server.versions import (
     LoadedModel,
     ModelLoadError,
@@ -55,15 +56,18 @@ class ModelManager:
         runtime: str = "auto",
         threads: int = 0,
         max_batch: int = 256,
+        monitoring: ModelMonitoring | None = None,
     ) -> None:
         self.model_dir = model_dir
+        self.monitoring = monitoring
         self.pinned_version = pinned_version
         self.runtime = runtime
         self.threads = threads
         self.max_batch = max_batch
         self._metrics = metrics
-        # the served model with its compute-time histogram: one reference, swapped atomically
-        self._serving: tuple[LoadedModel, Any] | None = None
+        # the served model with its compute-time histogram and its monitor: one reference,
+        # swapped atomically
+        self._serving: tuple[LoadedModel, Any, VersionMonitor | None] | None = None
         self._failures: dict[int, LoadFailure] = {}
         self._incomplete: dict[int, tuple[int, ...]] = {}  # version -> its stamp then
         self.last_failure: LoadFailure | None = None
@@ -88,10 +92,12 @@ class ModelManager:
         serving = self._serving
         if serving is None:
             raise Unavailable("no model version is loaded")
-        model, compute_seconds = serving
+        model, compute_seconds, monitor = serving
         started = time.perf_counter()
         probs = model.predict(images)
         self._metrics.observe_compute(compute_seconds, time.perf_counter() - started, len(images))
+        if monitor is not None:
+            monitor.observe(images, probs)
         return probs, model.version
 
     def refresh(self) -> bool:
@@ -121,8 +127,14 @@ class ModelManager:
                 except ModelLoadError as err:
                     self._record_failure(wanted, str(err))
                     continue  # the failure is remembered: the next pass tries another
+                monitor = None
+                if self.monitoring is not None:
+                    monitor = self.monitoring.start(model.version, model.profile)
                 # the swap: one reference, read once per batch
-                self._serving = (model, self._metrics.compute_seconds.labels(model.device))
+                hist = self._metrics.compute_seconds.labels(model.device)
+                self._serving = (model, hist, monitor)
+                if self.monitoring is not None and previous is not None:
+                    self.monitoring.stop(previous.version)
                 self._failures.pop(wanted, None)
                 self._incomplete.pop(wanted, None)
                 self._metrics.model_loads.labels("ok").inc()

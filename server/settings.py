@@ -51,6 +51,12 @@ class Settings:
     max_stream_images: int = 256
     server_timing: str = "on"
     tracing: str = "off"
+    model_monitoring: str = "on"
+    drift_window_seconds: float = 60.0
+    payload_log_dir: Path | None = None
+    payload_log_percent: float = 1.0
+    payload_log_images: str = "off"
+    payload_log_max_mb: float = 100.0
     max_inflight_bytes: int = 64 * 1024 * 1024
     poll_seconds: float = 2.0
     grace_seconds: float = 20.0
@@ -86,6 +92,12 @@ class Settings:
             problems.append("--max-message-bytes is too small for --max-images-per-request")
         if self.server_timing not in ("on", "off"):
             problems.append("--server-timing must be on or off")
+        if {self.model_monitoring, self.payload_log_images} - {"on", "off"}:
+            problems.append("--model-monitoring and --payload-log-images must be on or off")
+        if self.drift_window_seconds < 6 or not 0 < self.payload_log_percent <= 100:
+            problems.append("--drift-window-seconds must be >= 6, --payload-log-percent 0-100")
+        if self.payload_log_max_mb <= 0:
+            problems.append("--payload-log-max-mb must be > 0")
         if self.tracing not in ("off", "otlp"):
             problems.append("--tracing must be off or otlp")
         if self.max_concurrent_rpcs < 1 or self.max_stream_images < 1:
@@ -152,6 +164,14 @@ HELP = {
     "compute and total ms, batch size, version); off: none",
     "tracing": "otlp: OpenTelemetry spans per call (with queue and compute children) to the OTLP "
     "exporter set by OTEL_EXPORTER_OTLP_* (needs the tracing extra); off: none",
+    "model_monitoring": "on: model-quality metrics per version (predicted digits, confidence, "
+    "input statistics, drift score against the version's profile.json); off: none",
+    "drift_window_seconds": "sliding window of the drift score and the low-confidence share",
+    "payload_log_dir": "write a sample of requests (image hash, statistics, prediction, "
+    "confidence, version, time) as rotating JSON lines here; unset: no payload log",
+    "payload_log_percent": "share of images the payload log samples, in percent",
+    "payload_log_images": "on: the payload log also keeps each sampled image (base64)",
+    "payload_log_max_mb": "most disk the payload log uses (5 rotating files)",
     "max_stream_images": "most images in flight per stream (PredictStream, KServe "
     "ModelStreamInfer: read, not yet answered); at this the server stops reading the stream "
     "until answers go out",

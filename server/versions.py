@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mnist_client.contract import METADATA_FILE, ContractError, check_metadata
+from server.monitoring import PROFILE_FILE, Profile
 from server.runtimes import RUNTIMES, Runtime, RuntimeUnusable, load_runtime
 from server.runtimes import litert as litert_runtime
 from server.verify import (
@@ -139,6 +140,7 @@ class LoadedModel:
     runtime: Runtime
     metadata: dict[str, Any]
     load_seconds: float = 0.0
+    profile: Profile | None = None  # the reference for model monitoring, when it has one
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -199,7 +201,13 @@ def load_version(
         raise ModelLoadError(
             f"version {version}: unexpected {type(err).__name__} while loading (see the log)"
         ) from err
-    model = LoadedModel(version, path, loaded, metadata, time.perf_counter() - started)
+    try:
+        profile = Profile.read(path) if (path / PROFILE_FILE).exists() else None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"version {version}: {PROFILE_FILE} is not readable: {err}") from err
+    model = LoadedModel(
+        version, path, loaded, metadata, time.perf_counter() - started, profile=profile
+    )
     log.info(
         "loaded model version %d (%s) on %s with %s (%s) in %.2fs",
         version, model.architecture, model.device, loaded.name, loaded.source,

@@ -72,7 +72,7 @@ def prometheus(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) 
 
 def _dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
 def test_dashboard_covers_what_operatorsneed() -> None:
@@ -80,7 +80,9 @@ def test_dashboard_covers_what_operatorsneed() -> None:
     for metric in (
         "mnist_requests_total", "mnist_rpc_duration_seconds_bucket", "mnist_batch_queue_seconds",
         "mnist_model_compute_seconds", "mnist_batch_size_images_bucket", "mnist_queue_images",
-        "mnist_model_version", "mnist_inflight_requests",
+        "mnist_model_version", "mnist_inflight_requests", "mnist_predictions_total",
+        "mnist_reference_digit_share", "mnist_prediction_confidence_bucket", "mnist_drift_psi",
+        "mnist_drift_score", "mnist_low_confidence_share", "mnist_reference_low_confidence_share",
     ):  # fmt: skip
         assert metric in exprs, metric
     titles = [title for title, _ in _dashboard_queries()]
@@ -132,7 +134,7 @@ def test_alert_rules_are_valid() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 rules found" in result.stdout
+    assert "8 rules found" in result.stdout
 
 
 def test_fleet_files_are_valid() -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_client.contract import GOLDEN_FILE, METADATA_FILE, signature_block
+from server.monitoring import PROFILE_FILE, Profile
 from server.versions import FILES_KEY, file_checksums
 from training import export
 from training.artifacts import write_model_files
@@ -211,6 +212,9 @@ def _write_version(
     title = f"{config.arch}, test accuracy {ev.accuracy:.4f}"
     write_report(staging / "report", fitted.history, ev, data.x_test, title)
     np.savez_compressed(staging / GOLDEN_FILE, images=golden_images, labels=data.y_test[right])
+    # the reference the server's model monitoring compares live traffic with (server.monitoring)
+    profile = Profile.build(data.x_test, ev.probabilities)
+    (staging / PROFILE_FILE).write_text(json.dumps(profile.to_json()) + "\n")
     claimed = config.model_dir / str(export.claim_version(config.model_dir, config.version))
     try:
         version = int(claimed.name)

@@ -1,0 +1,502 @@
+"""Model-quality monitoring: what each model version is asked and what it answers, against the
+reference profile its training wrote (``profile.json``), in Prometheus.
+
+Eight signals per image, computed for a whole batch at once (a handful of numpy calls, no
+Python loop over images):
+
+* six cheap input statistics: ``mean_intensity`` (mean pixel, 0-1), ``ink_share`` (share of
+  pixels over half intensity), ``center_row`` / ``center_col`` (centre of mass, pixels) and
+  ``spread_row`` / ``spread_col`` (the ink's standard deviation along each axis: a rotation
+  swaps them, though MNIST's centring keeps the centre of mass where it was);
+* the answer: ``digit`` (the predicted class) and ``confidence`` (its probability).
+
+Each signal is binned: the input statistics at the deciles of the training run's test set (so
+every bin held about a tenth of the reference images), the confidence at fixed edges, the
+digit one bin per class. Per version the server exports the cumulative counts (predicted
+digits, a confidence histogram, one histogram per statistic) and, over a sliding window
+(``--drift-window-seconds``), the population stability index of each signal against the
+reference, their maximum as the drift score, and the share of low-confidence answers.
+
+Why PSI: it is a sum over the same bins the histograms show, so an operator can see which bins
+moved; it is cheap (the window's bin counts against ten reference shares); it has a
+well-known reading (below 0.1 stable, above 0.25 shifted); and unlike a KS test it applies to
+the categorical digit distribution as well. Under no drift its expected value is about
+(bins - 1) / window images (0.009 for 1,000 images), so the 0.25 threshold sits far above the
+noise of clean traffic (README, "Model monitoring", has the measured false-alarm rate) while
+inverted, rotated, blank or noise images score 1-20.
+
+The profile is part of a version (listed with its checksum in the metadata like every file);
+a version exported before monitoring existed has none and serves without these metrics (the
+load log says so, and ``mnist_model_monitored`` is 0 for it).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import logging.handlers
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+log = logging.getLogger(__name__)
+
+PROFILE_FILE = "profile.json"
+PROFILE_FORMAT = 1
+STATISTICS = ("mean_intensity", "ink_share", "center_row", "center_col", "spread_row", "spread_col")
+SIGNALS = (*STATISTICS, "confidence", "digit")
+CONFIDENCE_EDGES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+DIGIT_EDGES = tuple(d + 0.5 for d in range(9))  # one bin per class
+LOW_CONFIDENCE = 0.5  # an answer at or below this probability is a low-confidence one
+DRIFT_THRESHOLD = 0.25  # the alert's threshold (deploy/prometheus/alerts.yml), stated here
+MIN_WINDOW_IMAGES = 200  # fewer images in the window: no drift score (too noisy to read)
+WINDOW_SLOTS = 6  # the sliding window is this many slots of window/6 seconds each
+_SMOOTHING = 0.5  # added to every live bin count: an empty bin is not a log of zero
+_FLOOR = 1e-4  # smallest reference share (a reference bin with no image)
+
+_PIXELS = 28 * 28
+_ROWS, _COLS = np.divmod(np.arange(_PIXELS, dtype=np.float32), 28)
+# one matrix product gives each image's ink mass and its first and second moments per axis
+_MOMENTS = np.stack([np.ones(_PIXELS, np.float32), _ROWS, _COLS, _ROWS**2, _COLS**2], axis=1)
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """The six input statistics (``STATISTICS``) of uint8 images ``[N, 28, 28]``: ``[N, 6]``."""
+    x = images.reshape(len(images), _PIXELS)
+    moments = x.astype(np.float32) @ _MOMENTS
+    mass = np.maximum(moments[:, 0], 1.0)  # a blank image: centre 0, spread 0
+    center = moments[:, 1:3] / mass[:, None]
+    spread = np.sqrt(np.maximum(moments[:, 3:5] / mass[:, None] - center**2, 0.0))
+    ink = np.count_nonzero(x > 127, axis=1) / _PIXELS
+    return np.column_stack([moments[:, 0] / (_PIXELS * 255.0), ink, center, spread])
+
+
+def signals(images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Every signal (``SIGNALS``) of a batch: ``[N, 8]``."""
+    return np.column_stack(
+        [image_statistics(images), probabilities.max(axis=1), probabilities.argmax(axis=1)]
+    )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A version's reference: per signal its inner bin edges and the reference share of each
+    bin (one more than the edges)."""
+
+    edges: dict[str, tuple[float, ...]]
+    shares: dict[str, tuple[float, ...]]
+    images: int
+
+    @classmethod
+    def build(cls, images: np.ndarray, probabilities: np.ndarray) -> Profile:
+        """The reference of ``images`` and the model's ``probabilities`` for them (training:
+        the held-out test set)."""
+        values = signals(images, probabilities)
+        edges: dict[str, tuple[float, ...]] = {}
+        for j, name in enumerate(STATISTICS):
+            deciles = np.quantile(values[:, j], np.linspace(0.1, 0.9, 9))
+            edges[name] = tuple(float(e) for e in np.unique(np.round(deciles, 6)))
+        edges["confidence"], edges["digit"] = CONFIDENCE_EDGES, DIGIT_EDGES
+        binned = Binning(edges).counts(values)
+        shares = {
+            name: tuple(round(float(c) / len(values), 6) for c in counts)
+            for name, counts in zip(SIGNALS, binned, strict=True)
+        }
+        return cls(edges, {k: shares[k][: len(edges[k]) + 1] for k in SIGNALS}, len(values))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": PROFILE_FORMAT, "images": self.images,
+                "signals": {k: {"edges": list(self.edges[k]), "shares": list(self.shares[k])}
+                            for k in SIGNALS}}  # fmt: skip
+
+    @classmethod
+    def read(cls, path: Path) -> Profile:
+        """A version folder's profile. Raises ValueError when it is not one this server
+        reads."""
+        data = json.loads((path / PROFILE_FILE).read_text())
+        if data.get("format") != PROFILE_FORMAT or set(data["signals"]) != set(SIGNALS):
+            raise ValueError(f"{PROFILE_FILE}: not a format-{PROFILE_FORMAT} profile")
+        edges = {k: tuple(map(float, v["edges"])) for k, v in data["signals"].items()}
+        shares = {k: tuple(map(float, v["shares"])) for k, v in data["signals"].items()}
+        if any(len(shares[k]) != len(edges[k]) + 1 for k in SIGNALS):
+            raise ValueError(f"{PROFILE_FILE}: a signal's shares do not match its edges")
+        return cls(edges, shares, int(data["images"]))
+
+
+class Binning:
+    """Bins every signal of a batch in one pass (Prometheus ``le`` semantics: a value equal
+    to an edge falls in the bin below it)."""
+
+    def __init__(self, edges: dict[str, tuple[float, ...]]) -> None:
+        self.sizes = [len(edges[k]) + 1 for k in SIGNALS]
+        self.width = max(self.sizes)
+        padded = np.full((len(SIGNALS), self.width - 1), np.inf)
+        for j, name in enumerate(SIGNALS):
+            padded[j, : len(edges[name])] = edges[name]
+        self._edges = padded
+        self._offsets = np.arange(len(SIGNALS)) * self.width
+
+    def counts_of(self, statistics: np.ndarray, answers: np.ndarray) -> np.ndarray:
+        """Bin counts of input ``statistics`` ``[M, 6]`` and ``answers`` ``[N, 2]``
+        (confidence, digit), which may come from different numbers of images."""
+        n = len(STATISTICS)
+        stats = (statistics[:, :, None] > self._edges[None, :n]).sum(axis=2) + self._offsets[:n]
+        ans = (answers[:, :, None] > self._edges[None, n:]).sum(axis=2) + self._offsets[n:]
+        total = len(SIGNALS) * self.width
+        flat = np.concatenate([stats.ravel(), ans.ravel()])
+        return np.bincount(flat, minlength=total).reshape(len(SIGNALS), self.width)
+
+    def counts(self, values: np.ndarray) -> np.ndarray:
+        """Bin counts ``[signals, width]`` of ``values`` ``[N, signals]`` (unused tail bins of
+        a signal with fewer edges stay 0)."""
+        index = (values[:, :, None] > self._edges[None]).sum(axis=2) + self._offsets
+        total = len(SIGNALS) * self.width
+        return np.bincount(index.ravel(), minlength=total).reshape(len(SIGNALS), self.width)
+
+
+def psi(counts: np.ndarray, reference: np.ndarray) -> float:
+    """Population stability index of live bin ``counts`` against ``reference`` shares."""
+    live = (counts + _SMOOTHING) / (counts.sum() + _SMOOTHING * len(counts))
+    ref = np.maximum(reference, _FLOOR)
+    ref = ref / ref.sum()
+    return float(np.sum((live - ref) * np.log(live / ref)))
+
+
+class VersionMonitor:
+    """The signals of one loaded version: cumulative counts and a sliding window.
+
+    :meth:`observe` runs on the batcher thread once per batch and only copies: every answer's
+    probabilities, and up to ``SAMPLE_PER_BATCH`` of the batch's images, into buffers. The
+    numpy work runs once a buffer is full, when the window moves on, and at scrape time
+    (:meth:`flush`), over about a thousand images at once: a few microseconds per batch
+    instead of the ~40 us a batch of any size would cost computed alone. A lock keeps the
+    buffers and counts whole between the batcher and the metrics thread.
+    """
+
+    PROBABILITY_ROWS = 4096  # answers buffered before they are counted
+    IMAGE_ROWS = 1024  # sampled images buffered before their statistics are computed
+    SAMPLE_PER_BATCH = 16  # images of a batch whose input statistics are computed
+
+    def __init__(
+        self, version: int, profile: Profile, window_seconds: float,
+        payload_log: PayloadLog | None = None,
+    ) -> None:  # fmt: skip
+        self.version = str(version)
+        self.profile = profile
+        self.binning = Binning(profile.edges)
+        n, width = len(SIGNALS), self.binning.width
+        self.totals = np.zeros((n, width), np.int64)
+        self.sums = np.zeros(n)
+        self._slot_seconds = window_seconds / WINDOW_SLOTS
+        self._window = np.zeros((WINDOW_SLOTS, n, width), np.int64)
+        self._slot_ids = np.full(WINDOW_SLOTS, -1, np.int64)
+        self._slot = -1  # the slot the buffered rows belong to
+        self._reference = [np.asarray(profile.shares[k]) for k in SIGNALS]
+        self.low_bins = CONFIDENCE_EDGES.index(LOW_CONFIDENCE) + 1
+        self._probabilities = np.empty((self.PROBABILITY_ROWS, 10), np.float32)
+        self._images = np.empty((self.IMAGE_ROWS, 28, 28), np.uint8)
+        self._answers = 0  # rows buffered
+        self._sampled = 0
+        self.lock = threading.Lock()
+        self.payload_log = payload_log
+
+    def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+        """Count one batch (uint8 images ``[N, 28, 28]``, their probabilities ``[N, 10]``)."""
+        n = len(images)
+        sample = images[:: max(1, n // self.SAMPLE_PER_BATCH)][: self.SAMPLE_PER_BATCH]
+        slot = int(time.monotonic() / self._slot_seconds)
+        with self.lock:
+            if (
+                slot != self._slot
+                or self._answers + n > self.PROBABILITY_ROWS
+                or self._sampled + len(sample) > self.IMAGE_ROWS
+            ):
+                self._flush()
+                self._slot = slot
+            if n > self.PROBABILITY_ROWS:  # larger than the buffer: counted at once
+                self._count(images[:0], probabilities)
+            else:
+                self._probabilities[self._answers : self._answers + n] = probabilities
+                self._answers += n
+            self._images[self._sampled : self._sampled + len(sample)] = sample
+            self._sampled += len(sample)
+        if self.payload_log is not None:
+            self.payload_log.sample(self.version, images, probabilities)
+
+    def flush(self) -> None:
+        """Count what is buffered (the metrics thread, before it reads)."""
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._answers or self._sampled:
+            self._count(self._images[: self._sampled], self._probabilities[: self._answers])
+        self._answers = self._sampled = 0
+
+    def _count(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+        """Bin sampled ``images`` and every answer's ``probabilities`` into the totals and the
+        window slot of the buffered rows. Under the lock."""
+        answers = np.column_stack([probabilities.max(axis=1), probabilities.argmax(axis=1)])
+        statistics = image_statistics(images)
+        counts = self.binning.counts_of(statistics, answers)
+        sums = np.concatenate([statistics.sum(axis=0), answers.sum(axis=0)])
+        self.totals += counts
+        self.sums += sums
+        at = self._slot % WINDOW_SLOTS
+        if self._slot_ids[at] != self._slot:
+            self._window[at] = 0
+            self._slot_ids[at] = self._slot
+        self._window[at] += counts
+
+    def window(self) -> np.ndarray:
+        """Bin counts over the sliding window."""
+        now = int(time.monotonic() / self._slot_seconds)
+        with self.lock:
+            self._flush()
+            live = self._slot_ids > now - WINDOW_SLOTS
+            return self._window[live].sum(axis=0)
+
+    def drift(self) -> tuple[dict[str, float], float, int]:
+        """PSI per signal over the window, the low-confidence share, the window's answers
+        (no PSI while the window holds fewer than ``MIN_WINDOW_IMAGES`` answers or sampled
+        images)."""
+        counts = self.window()
+        answers = int(counts[SIGNALS.index("digit")].sum())
+        sampled = int(counts[0].sum())
+        confidence = counts[SIGNALS.index("confidence")]
+        low = float(confidence[: self.low_bins].sum() / answers) if answers else 0.0
+        if min(answers, sampled) < MIN_WINDOW_IMAGES:
+            return {}, low, answers
+        scores = {
+            name: psi(counts[j, : self.binning.sizes[j]], self._reference[j])
+            for j, name in enumerate(SIGNALS)
+        }
+        return scores, low, answers
+
+
+class ModelMonitoring:
+    """The server's model-quality monitoring: a :class:`VersionMonitor` for each loaded
+    version that has a profile, and the Prometheus collector of all of them (registered in
+    the server's registry once)."""
+
+    def __init__(self, window_seconds: float, payload_log: PayloadLog | None = None) -> None:
+        self.window_seconds = window_seconds
+        self.payload_log = payload_log
+        self.versions: dict[str, VersionMonitor] = {}
+        self.unmonitored: set[str] = set()
+
+    def start(self, version: int, profile: Profile | None) -> VersionMonitor | None:
+        """A version is loaded: its monitor, or None when it has no profile."""
+        if profile is None:
+            log.warning(
+                "version %d has no %s (exported before model monitoring): it serves without "
+                "model-quality metrics",
+                version, PROFILE_FILE,
+            )  # fmt: skip
+            self.unmonitored.add(str(version))
+            return None
+        monitor = VersionMonitor(version, profile, self.window_seconds, self.payload_log)
+        self.versions[monitor.version] = monitor
+        return monitor
+
+    def stop(self, version: int) -> None:
+        """A version no longer serves: its series go with it."""
+        self.versions.pop(str(version), None)
+        self.unmonitored.discard(str(version))
+
+    def close(self) -> None:
+        if self.payload_log is not None:
+            self.payload_log.close()
+
+    def describe(self) -> list[Metric]:
+        return []  # families appear with the first loaded version
+
+    def collect(self) -> Iterator[Metric]:
+        monitored = GaugeMetricFamily(
+            "mnist_model_monitored",
+            "1 when the version has a reference profile (model-quality metrics), else 0.",
+            labels=["version"],
+        )
+        for version in sorted(self.unmonitored):
+            monitored.add_metric([version], 0)
+        monitors = sorted(self.versions.values(), key=lambda m: int(m.version))
+        for monitor in monitors:
+            monitored.add_metric([monitor.version], 1)
+        yield monitored
+        if self.payload_log is not None:
+            records = CounterMetricFamily(
+                "mnist_payload_log_records",
+                "Sampled requests for the payload log: written, or dropped (writer behind).",
+                labels=["result"],
+            )
+            records.add_metric(["written"], self.payload_log.written)
+            records.add_metric(["dropped"], self.payload_log.dropped)
+            yield records
+        if not monitors:
+            return
+        yield from self._cumulative(monitors)
+        yield from self._windowed(monitors)
+
+    @staticmethod
+    def _cumulative(monitors: list[VersionMonitor]) -> Iterator[Metric]:
+        digits = CounterMetricFamily(
+            "mnist_predictions", "Answers given, by predicted digit.", labels=["version", "digit"]
+        )
+        reference = GaugeMetricFamily(
+            "mnist_reference_digit_share",
+            "Share of each predicted digit on the reference (the training run's test set).",
+            labels=["version", "digit"],
+        )
+        histograms = {
+            name: HistogramMetricFamily(
+                f"mnist_{'prediction' if name == 'confidence' else 'input'}_{name}",
+                _HISTOGRAM_HELP[name],
+                labels=["version"],
+            )
+            for name in (*STATISTICS, "confidence")
+        }
+        for m in monitors:
+            with m.lock:
+                m._flush()
+                totals, sums = m.totals.copy(), m.sums.copy()
+            digit = SIGNALS.index("digit")
+            for d in range(10):
+                digits.add_metric([m.version, str(d)], float(totals[digit, d]))
+                reference.add_metric([m.version, str(d)], m.profile.shares["digit"][d])
+            for name, family in histograms.items():
+                j = SIGNALS.index(name)
+                cumulative = np.cumsum(totals[j, : m.binning.sizes[j]])
+                les = [*map(_le, m.profile.edges[name]), "+Inf"]
+                buckets = [(le, float(c)) for le, c in zip(les, cumulative, strict=True)]
+                family.add_metric([m.version], buckets, float(sums[j]))
+        yield digits
+        yield reference
+        yield from histograms.values()
+
+    @staticmethod
+    def _windowed(monitors: list[VersionMonitor]) -> Iterator[Metric]:
+        per_signal = GaugeMetricFamily(
+            "mnist_drift_psi",
+            "Population stability index of each signal over the drift window against the "
+            "reference (absent while the window holds too few images).",
+            labels=["version", "signal"],
+        )
+        score = GaugeMetricFamily(
+            "mnist_drift_score",
+            f"The largest mnist_drift_psi of the version; above {DRIFT_THRESHOLD}: drift.",
+            labels=["version"],
+        )
+        low = GaugeMetricFamily(
+            "mnist_low_confidence_share",
+            f"Share of answers over the drift window with confidence <= {LOW_CONFIDENCE}.",
+            labels=["version"],
+        )
+        low_reference = GaugeMetricFamily(
+            "mnist_reference_low_confidence_share",
+            f"The same share on the reference (confidence <= {LOW_CONFIDENCE}).",
+            labels=["version"],
+        )
+        window = GaugeMetricFamily(
+            "mnist_drift_window_images", "Images in the drift window.", labels=["version"]
+        )
+        for m in monitors:
+            scores, low_share, images = m.drift()
+            for name, value in scores.items():
+                per_signal.add_metric([m.version, name], value)
+            if scores:
+                score.add_metric([m.version], max(scores.values()))
+            low.add_metric([m.version], low_share)
+            low_reference.add_metric([m.version], sum(m.profile.shares["confidence"][: m.low_bins]))
+            window.add_metric([m.version], images)
+        yield from (per_signal, score, low, low_reference, window)
+
+
+_HISTOGRAM_HELP = {
+    "mean_intensity": "Mean pixel intensity (0-1) of the images received.",
+    "ink_share": "Share of an image's pixels over half intensity.",
+    "center_row": "Row of an image's centre of mass (pixels from the top).",
+    "center_col": "Column of an image's centre of mass (pixels from the left).",
+    "spread_row": "Standard deviation of an image's ink along the rows (pixels).",
+    "spread_col": "Standard deviation of an image's ink along the columns (pixels).",
+    "confidence": "Probability of the predicted digit (top-1 confidence).",
+}
+
+
+def _le(edge: float) -> str:
+    return repr(float(edge))
+
+
+class PayloadLog:
+    """Sampled request logging to rotating JSON-lines files, off the request path.
+
+    The batcher thread picks ``percent`` % of the images at random and queues one record
+    each; a thread of ``logging``'s ``QueueListener`` writes them to ``dir/payloads.jsonl``,
+    rotated at ``max_bytes / 5`` with 4 older files kept (``RotatingFileHandler``). When the
+    writer falls behind, records are dropped and counted (``dropped``), never waited for.
+    """
+
+    QUEUE_RECORDS = 10_000
+
+    def __init__(
+        self, folder: Path, percent: float, raw_images: bool = False,
+        max_bytes: int = 100 * 1024 * 1024, seed: int | None = None,
+    ) -> None:  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        self.share = percent / 100.0
+        self.raw_images = raw_images
+        self.dropped = 0
+        self.written = 0
+        self._rng = np.random.default_rng(seed)
+        self._queue: queue.Queue[logging.LogRecord] = queue.Queue(self.QUEUE_RECORDS)
+        handler = logging.handlers.RotatingFileHandler(
+            folder / "payloads.jsonl", maxBytes=max(1, max_bytes // 5), backupCount=4
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self._listener = logging.handlers.QueueListener(self._queue, handler)
+        self._listener.start()
+
+    def sample(self, version: str, images: np.ndarray, probabilities: np.ndarray) -> None:
+        """Queue a record for each sampled image of a batch (batcher thread; never blocks)."""
+        chosen = np.flatnonzero(self._rng.random(len(images)) < self.share)
+        if not len(chosen):
+            return
+        now = time.time()
+        values = signals(images[chosen], probabilities[chosen])
+        for row, i in enumerate(chosen):
+            record: dict[str, Any] = {
+                "time": round(now, 6),
+                "version": int(version),
+                "image_sha256": hashlib.sha256(images[i].tobytes()).hexdigest(),
+                "digit": int(values[row, -1]),
+                "confidence": round(float(values[row, -2]), 6),
+                "statistics": {
+                    name: round(float(values[row, j]), 6) for j, name in enumerate(STATISTICS)
+                },
+            }
+            if self.raw_images:
+                record["image"] = base64.b64encode(images[i].tobytes()).decode()
+            line = json.dumps(record)
+            entry = logging.LogRecord("payload", logging.INFO, "", 0, line, None, None)
+            try:
+                self._queue.put_nowait(entry)
+                self.written += 1
+            except queue.Full:
+                self.dropped += 1
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer thread."""
+        self._listener.stop()

@@ -1,0 +1,328 @@
+"""Model-quality monitoring: the statistics, the profile, the drift score and its alert (a real
+server and a real Prometheus evaluating the shipped alert rules), and the payload log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mnist_client import DigitClient
+from server.monitoring import (
+    CONFIDENCE_EDGES,
+    DRIFT_THRESHOLD,
+    MIN_WINDOW_IMAGES,
+    PROFILE_FILE,
+    SIGNALS,
+    STATISTICS,
+    ModelMonitoring,
+    PayloadLog,
+    Profile,
+    VersionMonitor,
+    image_statistics,
+    psi,
+)
+from tests.conftest import ROOT, ServerProcess, free_ports, need, start_server
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Test images (the reference) and the first 20,000 training images (clean traffic)."""
+    from training.data import load_idx_dir
+
+    data = load_idx_dir(mnist_dir)
+    return data.x_test, data.x_train[:20000]
+
+
+def _probabilities(images: np.ndarray) -> np.ndarray:
+    """A stand-in model (no TensorFlow): confident, and a function of the image, so that
+    changed images change the answers too."""
+    rows = images.reshape(len(images), -1).astype(np.float32)
+    logits = rows[:, ::78][:, :10] / 16.0
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_image_statistics_of_known_images() -> None:
+    blank = np.zeros((28, 28), np.uint8)
+    dot = blank.copy()
+    dot[5, 20] = 255
+    bar = blank.copy()
+    bar[4:24, 13] = 200  # a vertical stroke: spread along the rows only
+    stats = image_statistics(np.stack([blank, dot, bar]))
+    assert stats.shape == (3, len(STATISTICS))
+    np.testing.assert_allclose(stats[0], 0.0)
+    np.testing.assert_allclose(stats[1], [255 / (784 * 255), 1 / 784, 5, 20, 0, 0], atol=1e-6)
+    mean, ink, row, col, spread_row, spread_col = stats[2]
+    assert ink == pytest.approx(20 / 784) and mean == pytest.approx(20 * 200 / (784 * 255))
+    assert row == pytest.approx(13.5) and col == pytest.approx(13.0)
+    assert spread_row == pytest.approx(np.arange(4, 24).std(), rel=1e-4) and spread_col < 1e-3
+
+
+def test_the_profile_bins_the_reference_in_tenths_and_reads_back(
+    mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    reference, _ = mnist
+    profile = Profile.build(reference, _probabilities(reference))
+    for name in STATISTICS:  # deciles: every bin about a tenth of the reference
+        assert len(profile.shares[name]) == len(profile.edges[name]) + 1
+        assert max(abs(share - 0.1) for share in profile.shares[name]) < 0.02, name
+    assert profile.edges["confidence"] == CONFIDENCE_EDGES and len(profile.shares["digit"]) == 10
+    for name in SIGNALS:
+        assert sum(profile.shares[name]) == pytest.approx(1.0, abs=1e-4)
+    (tmp_path / PROFILE_FILE).write_text(json.dumps(profile.to_json()))
+    assert Profile.read(tmp_path) == profile
+    (tmp_path / PROFILE_FILE).write_text(json.dumps({"format": 99, "signals": {}}))
+    with pytest.raises(ValueError, match="not a format-1 profile"):
+        Profile.read(tmp_path)
+
+
+def test_psi_is_zero_for_the_reference_and_large_for_a_shift() -> None:
+    reference = np.full(10, 0.1)
+    assert psi(np.full(10, 1000), reference) == pytest.approx(0.0, abs=1e-6)
+    shifted = np.array([0, 0, 0, 0, 0, 0, 0, 0, 500, 500])
+    assert psi(shifted, reference) > 3
+
+
+def _monitor(reference: np.ndarray, window_seconds: float = 60) -> VersionMonitor:
+    return VersionMonitor(3, Profile.build(reference, _probabilities(reference)), window_seconds)
+
+
+def _feed(monitor: VersionMonitor, images: np.ndarray, batch: int = 16) -> None:
+    for i in range(0, len(images), batch):
+        part = images[i : i + batch]
+        monitor.observe(part, _probabilities(part))
+
+
+def test_clean_traffic_scores_low_and_each_kind_of_bad_input_scores_high(
+    mnist: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """The threshold against what it must tell apart: clean windows of training images (never
+    part of the reference) stay far below it; inverted, rotated, noise and blank images are
+    far above."""
+    reference, clean = mnist
+    rng = np.random.default_rng(0)
+    clean_scores = []
+    for _ in range(20):
+        monitor = _monitor(reference)
+        _feed(monitor, clean[rng.choice(len(clean), 1000, replace=False)])
+        scores, _, answers = monitor.drift()
+        assert answers == 1000
+        clean_scores.append(max(scores.values()))
+    assert max(clean_scores) < DRIFT_THRESHOLD / 3, clean_scores
+    x = clean[:1000]
+    bad = {
+        "inverted": 255 - x,
+        "rotated": np.rot90(x, axes=(1, 2)).copy(),
+        "noise": rng.integers(0, 256, x.shape, dtype=np.uint8),
+        "blank": np.zeros_like(x),
+    }
+    for name, images in bad.items():
+        monitor = _monitor(reference)
+        _feed(monitor, images)
+        scores, _, _ = monitor.drift()
+        assert max(scores.values()) > 4 * DRIFT_THRESHOLD, (name, scores)
+
+
+def test_the_window_forgets_and_needs_enough_images(mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, clean = mnist
+    monitor = _monitor(reference, window_seconds=0.6)  # 6 slots of 0.1 s
+    _feed(monitor, clean[: MIN_WINDOW_IMAGES - 16])
+    scores, _, answers = monitor.drift()
+    assert scores == {} and answers == MIN_WINDOW_IMAGES - 16  # too few for a score
+    _feed(monitor, 255 - clean[:400])
+    assert max(monitor.drift()[0].values()) > 1
+    time.sleep(0.8)  # the window has moved past every image
+    assert monitor.drift() == ({}, 0.0, 0)
+    assert int(monitor.totals[SIGNALS.index("digit")].sum()) == MIN_WINDOW_IMAGES - 16 + 400
+
+
+def test_the_exported_metrics_count_every_answer_by_version(
+    mnist: tuple[np.ndarray, np.ndarray],
+) -> None:
+    reference, clean = mnist
+    registry = CollectorRegistry()
+    monitoring = ModelMonitoring(window_seconds=60)
+    registry.register(monitoring)
+    profile = Profile.build(reference, _probabilities(reference))
+    monitor = monitoring.start(3, profile)
+    assert monitor is not None and monitoring.start(2, None) is None
+    images = clean[:1000]
+    for size in (1, 7, 64, 300, 5000):  # every batch size, one larger than the buffer
+        part = images[:size] if size <= len(images) else np.resize(images, (size, 28, 28))
+        monitor.observe(part, _probabilities(part))
+    n = 1 + 7 + 64 + 300 + 5000
+    samples = _samples(registry)
+    v3 = (("version", "3"),)
+    assert samples[("mnist_model_monitored", v3)] == 1
+    assert samples[("mnist_model_monitored", (("version", "2"),))] == 0
+    digits = {k: v for k, v in samples.items() if k[0] == "mnist_predictions_total"}
+    assert sum(digits.values()) == n
+    expected = np.bincount(
+        np.concatenate([_probabilities(np.resize(images, (s, 28, 28))).argmax(1)
+                        for s in (1, 7, 64, 300, 5000)]), minlength=10,
+    )  # fmt: skip
+    for d in range(10):
+        assert digits[("mnist_predictions_total", (("digit", str(d)), *v3))] == expected[d]
+    assert samples[("mnist_prediction_confidence_count", v3)] == n
+    assert samples[("mnist_prediction_confidence_bucket", (("le", "+Inf"), *v3))] == n
+    # input statistics: a sample of each batch (at most SAMPLE_PER_BATCH images)
+    sampled = samples[("mnist_input_mean_intensity_count", v3)]
+    assert 1 + 7 + 16 * 3 >= sampled >= 1 + 7 + 3 * 10
+    assert samples[("mnist_drift_window_images", v3)] == n
+    assert ("mnist_drift_score", v3) not in samples or samples[("mnist_drift_score", v3)] >= 0
+    monitoring.stop(3)
+    assert not any(dict(k[1]).get("version") == "3" for k in _samples(registry))
+
+
+def test_the_payload_log_samples_rotates_and_never_blocks(
+    mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    _, clean = mnist
+    payloads = PayloadLog(tmp_path / "log", 50, raw_images=True, max_bytes=200_000, seed=1)
+    images = clean[:2000]
+    for i in range(0, len(images), 100):
+        part = images[i : i + 100]
+        payloads.sample("4", part, _probabilities(part))
+    payloads.close()
+    files = sorted((tmp_path / "log").iterdir())
+    assert 1 < len(files) <= 5  # rotated at max_bytes / 5, 4 older files kept
+    assert sum(f.stat().st_size for f in files) <= 200_000 + 5 * 4_000
+    lines = (tmp_path / "log" / "payloads.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert set(record) == {"time", "version", "image_sha256", "digit", "confidence",
+                           "statistics", "image"}  # fmt: skip
+    assert record["version"] == 4 and set(record["statistics"]) == set(STATISTICS)
+    assert 800 < payloads.written < 1200 and payloads.dropped == 0  # about half of 2,000
+
+    full = PayloadLog(tmp_path / "full", 100)
+    full._listener.stop()  # a writer that has stopped: the queue fills, nothing waits
+    many = np.resize(images, (5000, 28, 28))
+    for _ in range(3):
+        full.sample("4", many, _probabilities(many))
+    assert full.written == PayloadLog.QUEUE_RECORDS and full.dropped == 3 * 5000 - full.written
+
+
+# --- the drift alert, end to end
+
+
+def _query(port: int, expr: str) -> list[dict[str, object]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)["data"]["result"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def drift_server(
+    trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    server = start_server(
+        trained_model_dir, tmp_path_factory.mktemp("drift") / "server.log",
+        "--drift-window-seconds", "6",
+    )  # fmt: skip
+    yield server
+    assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_the_drift_alert_fires_for_bad_inputs_and_clears_for_clean_ones(
+    drift_server: ServerProcess, mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """The shipped alert rules in a real Prometheus (scraping and evaluating every second,
+    ``for: 2m`` shortened to 0 s here), over a server with a 6 s drift window."""
+    binary = need("prometheus")
+    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    (tmp_path / "alerts.yml").write_text(rules.replace("for: 2m", "for: 0s"))
+    target = drift_server.metrics_url.split("//")[1].split("/")[0]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{tmp_path / 'alerts.yml'}']\n"
+        "scrape_configs:\n  - job_name: mnist-server\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    (port,) = free_ports(1)
+    log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed below
+    prometheus = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    _, clean = mnist
+    phase = {"images": clean}
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with DigitClient(drift_server.target) as client:
+            i = 0
+            while not stop.is_set():
+                images = phase["images"]
+                start = (i * 16) % (len(images) - 16)
+                client.batch_predict(images[start : start + 16])
+                i += 1
+                time.sleep(0.005)
+
+    def firing() -> bool:
+        return bool(_query(port, 'ALERTS{alertname="MnistInputDrift", alertstate="firing"}'))
+
+    def wait(condition: Callable[[], object], what: str, limit: float = 60) -> float:
+        started = time.monotonic()
+        while not condition():
+            assert time.monotonic() - started < limit, f"{what} not within {limit} s"
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    rng = np.random.default_rng(0)
+    x = clean[:2000]
+    bad = {
+        "inverted": 255 - x,
+        "rotated": np.rot90(x, axes=(1, 2)).copy(),
+        "noise": rng.integers(0, 256, x.shape, dtype=np.uint8),
+        "blank": np.zeros_like(x),
+    }
+    def up() -> bool:
+        try:
+            return bool(_query(port, 'up{job="mnist-server"} == 1'))
+        except OSError:  # not listening yet
+            return False
+
+    try:
+        wait(up, "Prometheus scraping the server")
+        wait(lambda: _query(port, "mnist_drift_score"), "a drift score for clean traffic")
+        for _ in range(8):  # clean traffic: a whole window and more, never above threshold
+            (score,) = _query(port, "mnist_drift_score")
+            assert float(score["value"][1]) < DRIFT_THRESHOLD and not firing()  # type: ignore
+            time.sleep(1)
+        times = {}
+        for name, images in bad.items():
+            phase["images"] = images
+            fired = wait(firing, f"the alert for {name} images")
+            phase["images"] = clean
+            cleared = wait(lambda: not firing(), f"the alert clearing after {name}")
+            times[name] = (round(fired, 1), round(cleared, 1))
+        print("seconds to fire and to clear, 6 s window, 1 s scrape and evaluation:", times)
+    finally:
+        stop.set()
+        sender.join(10)
+        prometheus.terminate()
+        prometheus.wait(30)
+        log.close()
