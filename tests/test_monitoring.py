@@ -299,6 +299,7 @@ def test_the_drift_alert_fires_for_bad_inputs_and_clears_for_clean_ones(
         "noise": rng.integers(0, 256, x.shape, dtype=np.uint8),
         "blank": np.zeros_like(x),
     }
+
     def up() -> bool:
         try:
             return bool(_query(port, 'up{job="mnist-server"} == 1'))
