@@ -145,14 +145,17 @@ def run_benchmark(
     warmup: float,
     repeats: int,
     sweep: bool,
+    only: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Start every target, run every load against each, interleaved, ``repeats`` times."""
+    """Start every target (``only``: these), run every load against each, interleaved,
+    ``repeats`` times."""
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
     with_tf = _tensorflow_installed()
     workdir = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
     payloads = make_payloads(workdir, images)
-    running = [start(t, workdir) for t in targets(model_dir, sweep, with_tf)]
+    chosen = [t for t in targets(model_dir, sweep, with_tf) if not only or t.name in only]
+    running = [start(t, workdir) for t in chosen]
     samples: list[Sample] = []
     runtimes = [r for r in IN_PROCESS_RUNTIMES if r != "tensorflow" or with_tf]
     ceiling: dict[str, list[dict[str, float]]] = {runtime: [] for runtime in runtimes}
@@ -241,6 +244,12 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         f"server_timing_cpu_cost_c{c}": get("batched", load, "cpu_us_per_request")
         / get("timing-off", load, "cpu_us_per_request")
         - 1,
+        f"monitoring_rps_c{c}_vs_off": get("batched", load, "rps")
+        / get("monitoring-off", load, "rps"),
+        "monitoring_batch1024_images_vs_off": get("batched", "batch1024-c4", "images_per_s")
+        / get("monitoring-off", "batch1024-c4", "images_per_s"),
+        f"monitoring_cpu_per_request_c{c}_vs_off": get("batched", load, "cpu_us_per_request")
+        / get("monitoring-off", load, "cpu_us_per_request"),
         f"kserve_cpu_per_request_vs_native_c{c}": get(
             "batched", f"kserve-c{c}", "cpu_us_per_request"
         )

@@ -69,6 +69,13 @@ def targets(model_dir: Path, sweep: bool, with_tensorflow: bool) -> list[Target]
         Target(
             "timing-off", our_server(model_dir, "--server-timing", "off"), True, loads=("predict-",)
         ),
+        # what model-quality monitoring costs: the same server without it
+        Target(
+            "monitoring-off",
+            our_server(model_dir, "--model-monitoring", "off"),
+            True,
+            loads=("predict-", "batch1024-"),
+        ),
     ]
     if with_tensorflow:  # the tutorial server: one SavedModel call per request
         out.insert(2, Target(

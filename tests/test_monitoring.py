@@ -4,6 +4,7 @@ server and a real Prometheus evaluating the shipped alert rules), and the payloa
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -96,6 +97,12 @@ def test_the_profile_bins_the_reference_in_tenths_and_reads_back(
         Profile.read(tmp_path)
 
 
+def test_the_alert_rules_use_the_servers_thresholds() -> None:
+    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    assert f"max by (instance, version) (mnist_drift_score) > {DRIFT_THRESHOLD}" in rules
+    assert f"mnist_drift_window_images >= {MIN_WINDOW_IMAGES}" in rules
+
+
 def test_psi_is_zero_for_the_reference_and_large_for_a_shift() -> None:
     reference = np.full(10, 0.1)
     assert psi(np.full(10, 1000), reference) == pytest.approx(0.0, abs=1e-6)
@@ -107,7 +114,7 @@ def _monitor(reference: np.ndarray, window_seconds: float = 60) -> VersionMonito
     return VersionMonitor(3, Profile.build(reference, _probabilities(reference)), window_seconds)
 
 
-def _feed(monitor: VersionMonitor, images: np.ndarray, batch: int = 16) -> None:
+def _feed(monitor: VersionMonitor, images: np.ndarray, batch: int = 4) -> None:
     for i in range(0, len(images), batch):
         part = images[i : i + batch]
         monitor.observe(part, _probabilities(part))
@@ -185,9 +192,9 @@ def test_the_exported_metrics_count_every_answer_by_version(
         assert digits[("mnist_predictions_total", (("digit", str(d)), *v3))] == expected[d]
     assert samples[("mnist_prediction_confidence_count", v3)] == n
     assert samples[("mnist_prediction_confidence_bucket", (("le", "+Inf"), *v3))] == n
-    # input statistics: a sample of each batch (at most SAMPLE_PER_BATCH images)
-    sampled = samples[("mnist_input_mean_intensity_count", v3)]
-    assert 1 + 7 + 16 * 3 >= sampled >= 1 + 7 + 3 * 10
+    # input statistics: a sample of each batch (SAMPLE_PER_BATCH images, or all of fewer)
+    per_batch = VersionMonitor.SAMPLE_PER_BATCH
+    assert samples[("mnist_input_mean_intensity_count", v3)] == 1 + 4 * per_batch
     assert samples[("mnist_drift_window_images", v3)] == n
     assert ("mnist_drift_score", v3) not in samples or samples[("mnist_drift_score", v3)] >= 0
     monitoring.stop(3)
@@ -220,6 +227,28 @@ def test_the_payload_log_samples_rotates_and_never_blocks(
     for _ in range(3):
         full.sample("4", many, _probabilities(many))
     assert full.written == PayloadLog.QUEUE_RECORDS and full.dropped == 3 * 5000 - full.written
+
+
+def test_a_version_without_a_profile_serves_and_says_so(
+    trained_model_dir: Path, tmp_path: Path, mnist: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A version exported before monitoring existed: it loads and answers, with no quality
+    metrics, and the log and mnist_model_monitored say why."""
+    models = tmp_path / "models"
+    shutil.copytree(trained_model_dir / "1", models / "1")
+    (models / "1" / PROFILE_FILE).unlink()
+    meta = json.loads((models / "1" / "metadata.json").read_text())
+    del meta["files"][PROFILE_FILE]
+    (models / "1" / "metadata.json").write_text(json.dumps(meta))
+    server = start_server(models, tmp_path / "server.log")
+    try:
+        with DigitClient(server.target) as client:
+            assert len(client.batch_predict(mnist[1][:50]).digits) == 50
+        assert server.metric("mnist_model_monitored", version="1") == 0
+        assert server.metric_or_none("mnist_predictions_total", version="1", digit="1") is None
+        assert "version 1 has no profile.json (exported before model monitoring)" in server.log()
+    finally:
+        assert server.stop() == 0
 
 
 # --- the drift alert, end to end

@@ -54,6 +54,12 @@ def test_metadata_and_report(trained_model_dir: Path) -> None:
     assert abs(report["accuracy"] - meta["test_accuracy"]) < 1e-6
     with np.load(version / "golden.npz") as golden:
         assert golden["images"].shape[1:] == (28, 28) and len(golden["labels"]) == 100
+    from server.monitoring import PROFILE_FILE, Profile
+
+    assert PROFILE_FILE in meta["files"]  # checked on load like every file
+    profile = Profile.read(version)
+    assert profile.images == meta["test_images"]
+    assert abs(sum(profile.shares["digit"]) - 1) < 1e-4
     for name in ("model.tflite", "model.keras"):  # each checked against the SavedModel
         export = meta["exports"][name]
         assert export["max_abs_diff"] <= 1e-4 and export["bytes"] == (version / name).stat().st_size
