@@ -40,7 +40,7 @@ from server.protocols.tfserving import MODEL_SERVICE, PREDICTION_SERVICE, TFServ
 from server.servicer import SERVICE_NAME, DigitClassifier
 from server.settings import Settings, read_token
 from server.streams import StreamCodec, StreamMethod
-from server.workers import EXIT_CANNOT_START, REPORT_SECONDS, WorkerLink
+from server.worker_link import EXIT_CANNOT_START, REPORT_SECONDS, WorkerLink
 
 if TYPE_CHECKING:
     from server.tracing import Tracing
