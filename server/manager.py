@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,6 +34,14 @@ from server.versions import (
 
 log = logging.getLogger(__name__)
 WAITING_LOG_SECONDS = 30.0  # while no version serves, the reason is logged this often
+
+
+class VersionLoader(Protocol):
+    """How a version folder becomes a checked, warmed-up model (:func:`load_version`)."""
+
+    def __call__(
+        self, model_dir: Path, version: int, runtime: str, threads: int, max_batch: int
+    ) -> LoadedModel: ...
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,10 @@ class ModelManager:
         runtime: str = "auto",
         threads: int = 0,
         max_batch: int = 256,
+        loader: VersionLoader = load_version,
     ) -> None:
         self.model_dir = model_dir
+        self._load = loader  # load_version; a test's fake runtime comes in here
         self.pinned_version = pinned_version
         self.runtime = runtime
         self.threads = threads
@@ -112,7 +122,7 @@ class ModelManager:
                 if self.pinned_version is None and current is not None and wanted < current:
                     return False
                 try:
-                    model = load_version(
+                    model = self._load(
                         self.model_dir, wanted, self.runtime, self.threads, self.max_batch
                     )
                 except VersionIncomplete as err:
