@@ -21,7 +21,8 @@ versions (one batcher per version: batches never mix versions) changes this modu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import numpy as np
 
@@ -131,27 +132,31 @@ class InferenceCore:
 
     # --- inference
 
-    async def infer(
+    # infer and submit hand back the batcher's own coroutine rather than wrapping it in one
+    # more: the request path allocates nothing for the core (a lookup refuses at the call)
+
+    def infer(
         self,
         images: np.ndarray,
         deadline: float | None,
         model: str | None = None,
         version: int | str | None = None,
         label: str | None = None,
-    ) -> Answer:
-        """Probabilities for uint8 ``images [N, 28, 28]`` from the version that serves
-        ``model``/``version``/``label`` (see :meth:`resolve`), answered by ``deadline``
-        (``time.monotonic()`` seconds; None: none) or DEADLINE_EXCEEDED."""
-        return await self.submit(images, self.resolve(model, version, label), deadline)
+    ) -> Coroutine[Any, Any, Answer]:
+        """``await``: probabilities for uint8 ``images [N, 28, 28]`` from the version that
+        serves ``model``/``version``/``label`` (see :meth:`resolve`, whose errors it raises),
+        answered by ``deadline`` (``time.monotonic()`` seconds; None: none) or
+        DEADLINE_EXCEEDED."""
+        return self.submit(images, self.resolve(model, version, label), deadline)
 
-    async def submit(
+    def submit(
         self, images: np.ndarray, loaded: LoadedModel, deadline: float | None
-    ) -> Answer:
+    ) -> Coroutine[Any, Any, Answer]:
         """:meth:`infer` for a version a protocol has already resolved (it checks the model
         before the rest of its request, as its own servers do)."""
         # one batcher serves the one loaded version today: ``loaded`` picks it once several
         # versions each have their own
-        return await self.batcher.submit(images, deadline)
+        return self.batcher.submit(images, deadline)
 
     def enqueue(self, images: np.ndarray, loaded: LoadedModel, deadline: float | None) -> Pending:
         """:meth:`submit` without waiting, for a stream: the answer resolves the returned
