@@ -61,8 +61,16 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _stop_while_starting(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def _worker_main(settings: Settings, index: int, slots: Any, log_level: str) -> None:
     """A worker process: a complete server on the shared port (spawned, fresh interpreter)."""
+    # A SIGTERM that comes while the worker still starts (importing, before ``run`` takes the
+    # signal over) finds nothing to drain: exit 0, not killed by the signal (the supervisor
+    # would count it a failure: a worker stopped right after its start, seen on a busy machine).
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     import asyncio
 
     logging.basicConfig(
