@@ -228,7 +228,7 @@ class ModelServer:
         same admission, auth, drain and metrics (the ``method`` label is the protocol's
         prefix and the method's name: ``kserve.ModelInfer``)."""
         s = self.settings
-        timing, tracing = s.server_timing == "on", self.tracing
+        timing, tracing = s.server_timing, self.tracing
         services: dict[str, dict[str, rpc.Method]] = {}
         for protocol in self.protocols:
             prefix = protocol.label_prefix
