@@ -21,7 +21,7 @@ echo "== ruff";   .venv/bin/ruff check .
                   .venv/bin/ruff format --check .
 echo "== mypy";   .venv/bin/mypy
 if ((fast)); then
-    echo "== pytest (fast tier)"; .venv/bin/python -m pytest -m fast tests/fast "$@"
+    echo "== pytest (fast tier)"; .venv/bin/python -m pytest -m fast "$@"
 else
     echo "== pytest"; .venv/bin/python -m pytest "$@"
 fi

@@ -1,4 +1,4 @@
-"""The fast tier (``./test.sh --fast``, ``pytest -m fast tests/fast``): the inference core
+"""The fast tier (``./test.sh --fast``, ``pytest -m fast``): the inference core
 and every protocol in-process on a fake runtime (``fakes.py``): no TensorFlow, no
 subprocess, no trained model."""
 
