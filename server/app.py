@@ -1,12 +1,17 @@
 """Wiring: one server process, from its settings to a listening port, and its drain.
 
-Request path: gRPC -> ``server.rpc`` (admission, auth, status, metrics) -> ``server.servicer``
-(bytes <-> arrays with ``server.wire``) -> ``server.batcher`` (queue, coalesce) -> batcher
-thread -> ``ModelManager.predict`` -> the version's runtime -> back.
+Request path: gRPC -> ``server.rpc`` / ``server.streams`` (admission, auth, status, metrics)
+-> a protocol's converter (``server.servicer``, ``server.protocols.*``: its message to
+arrays) -> :class:`~server.core.InferenceCore` (model lookup) -> ``server.batcher`` (queue,
+coalesce) -> batcher thread -> ``ModelManager.predict`` -> the version's runtime -> back.
 
 Where state lives: the served model in :class:`~server.manager.ModelManager`; the queue in
-:class:`~server.batcher.DynamicBatcher`; calls in flight and the drain in
+:class:`~server.batcher.DynamicBatcher` (both the core's); calls in flight and the drain in
 :class:`~server.calls.CallTracker`; SERVING or not in :class:`~server.health.Health`.
+
+The protocols this server speaks are the one list :data:`PROTOCOLS`: each declares its
+services, methods and metrics label prefix (``server.protocols.base.ServingProtocol``);
+registration, metrics gauges, tracing of streams, health and reflection follow from it.
 """
 
 from __future__ import annotations
@@ -26,22 +31,22 @@ from grpc_reflection.v1alpha import reflection
 
 from server import rpc
 from server.allocator import return_freed_memory
-from server.batcher import DynamicBatcher
 from server.calls import CallTracker
+from server.core import InferenceCore
 from server.health import Health
-from server.manager import ModelManager
+from server.manager import VersionLoader
 from server.metrics import ServerMetrics
 from server.metrics_http import MetricsServer
 from server.monitoring import ModelMonitoring, PayloadLog
-from server.protocols.base import ServedModel
-from server.protocols.kserve import SERVICE as KSERVE_SERVICE
+from server.protocols.base import ProtocolContext, ServingProtocol
 from server.protocols.kserve import KServe
 from server.protocols.pool import reflection_pool
-from server.protocols.tfserving import MODEL_SERVICE, PREDICTION_SERVICE, TFServing
+from server.protocols.tfserving import TFServing
 from server.servicer import SERVICE_NAME, DigitClassifier
 from server.settings import Settings, read_token
-from server.streams import StreamCodec, StreamMethod
-from server.workers import EXIT_CANNOT_START, REPORT_SECONDS, WorkerLink
+from server.streams import StreamMethod
+from server.versions import load_version
+from server.worker_link import EXIT_CANNOT_START, REPORT_SECONDS, WorkerLink
 
 if TYPE_CHECKING:
     from server.tracing import Tracing
@@ -61,12 +66,14 @@ RECEIVED_CALLS_WAIT_SECONDS = 5.0
 STUCK_MODEL_SECONDS = 10.0
 HEALTH_CHECK_SECONDS = 1.0  # how often health re-reads conditions that change by themselves
 EXIT_BATCHER_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
-SERVICES = (SERVICE_NAME, KSERVE_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE)
-# every stream method, by path, with its metrics label
-STREAMS = {
-    f"{SERVICE_NAME}/PredictStream": "PredictStream",
-    f"{KSERVE_SERVICE}/ModelStreamInfer": "kserve.ModelStreamInfer",
-}
+# Every protocol this server speaks, on one port, all over the one inference core. Adding a
+# protocol: a module whose class is built from a ProtocolContext and declares its services
+# (server.protocols.base.ServingProtocol), and one entry here.
+PROTOCOLS: tuple[Callable[[ProtocolContext], ServingProtocol], ...] = (
+    DigitClassifier,
+    KServe,
+    TFServing,
+)
 
 
 def _channelz_server_ids() -> set[int]:
@@ -121,12 +128,12 @@ def _pending_limit(limit: int) -> list[tuple[str, int]]:
 
 def _monitoring(s: Settings) -> ModelMonitoring | None:
     """Model-quality monitoring as the settings ask (``server.monitoring``)."""
-    if s.model_monitoring != "on":
+    if not s.model_monitoring:
         return None
     payload_log = None
     if s.payload_log_dir is not None:
         payload_log = PayloadLog(
-            s.payload_log_dir, s.payload_log_percent, s.payload_log_images == "on",
+            s.payload_log_dir, s.payload_log_percent, s.payload_log_images,
             int(s.payload_log_max_mb * 1024 * 1024),
         )  # fmt: skip
     return ModelMonitoring(s.drift_window_seconds, payload_log)
@@ -149,41 +156,49 @@ class ModelServer:
     """
 
     def __init__(
-        self, settings: Settings, worker: WorkerLink | None = None, tracer_provider: Any = None
+        self,
+        settings: Settings,
+        worker: WorkerLink | None = None,
+        tracer_provider: Any = None,
+        loader: VersionLoader = load_version,
     ) -> None:
+        """``loader`` loads a model version (``server.versions.load_version``; the fast
+        tests' fake runtime comes in here)."""
         s = settings
         self.settings = s
         self.worker = worker
-        self.tracing: Tracing | None = None
-        if s.tracing == "otlp" or tracer_provider is not None:
-            from server.tracing import Tracing, otlp_provider
-
-            self.tracing = Tracing(tracer_provider or otlp_provider(), tuple(STREAMS))
         self.metrics = ServerMetrics()
         self.calls = CallTracker(s.max_concurrent_rpcs, s.max_inflight_bytes, s.max_open_streams)
         self.monitoring = _monitoring(s)
         if self.monitoring is not None:
             self.metrics.registry.register(self.monitoring)
-        self.manager = ModelManager(
-            s.model_dir,
+        self.core = InferenceCore.from_settings(
+            s,
             self.metrics,
-            pinned_version=s.model_version,
-            runtime=s.runtime,
-            threads=s.model_threads,
-            max_batch=s.max_batch_size,
             monitoring=self.monitoring,
-        )
-        self.batcher = DynamicBatcher(
-            self.manager.predict,
-            max_batch_size=s.max_batch_size,
-            max_queue_images=s.max_queue_images,
-            batch_timeout_s=s.batch_timeout_ms / 1000.0,
-            metrics=self.metrics,
             on_failure=self._batcher_failed,
             # calls taken in that have not reached the batcher yet (a stream is not one: its
             # images come on their own schedule)
             arriving=lambda: self.calls.unary - self.batcher.unresolved,
+            loader=loader,
         )
+        self.manager = self.core.manager
+        self.batcher = self.core.batcher
+        context = ProtocolContext(
+            self.core, s, lambda: self.health.serving, self.metrics.stats, _package_version()
+        )
+        self.protocols = [make(context) for make in PROTOCOLS]
+        self.tracing: Tracing | None = None
+        if s.tracing == "otlp" or tracer_provider is not None:
+            from server.tracing import Tracing, otlp_provider
+
+            streams = [
+                f"{service.name}/{name}"
+                for protocol in self.protocols
+                for service in protocol.services()
+                for name in service.streams
+            ]
+            self.tracing = Tracing(tracer_provider or otlp_provider(), streams)
         # a call that ends without reaching the batcher may be what a filling batch waits for
         self.calls.on_finish = self.batcher.poke
         self.draining = False
@@ -192,7 +207,7 @@ class ModelServer:
         self._arrived_goal: int | None = None
         self.channelz_id: int | None = None  # this server's id in gRPC's channelz
         self.health = Health(
-            list(SERVICES),
+            self.service_names(),
             self.metrics,
             [self._serves_itself],
             alive=lambda: self.batcher.alive,
@@ -210,12 +225,12 @@ class ModelServer:
         self._health_update: asyncio.Task[bool] | None = None  # kept: tasks are weakly held
 
     def _serves_itself(self) -> bool:
-        return (
-            self.manager.current is not None
-            and self.batcher.alive
-            and not self.batcher.stuck(STUCK_MODEL_SECONDS)
-            and not self.draining
-        )
+        return self.core.ready(STUCK_MODEL_SECONDS) and not self.draining
+
+    def service_names(self) -> list[str]:
+        """Every service the protocols declare (health answers for each, reflection lists
+        them)."""
+        return [service.name for protocol in self.protocols for service in protocol.services()]
 
     def _track_gauges(self, methods: list[str]) -> None:
         m = self.metrics
@@ -226,48 +241,29 @@ class ModelServer:
         return lambda: self.calls.active_by_method[method]
 
     def _services(self, auth: rpc.Authenticator) -> dict[str, dict[str, rpc.Method]]:
-        """Every service this server answers, by name, with its methods: each protocol only
-        translates, all of them over the one batcher, with the same admission, auth, drain
-        and metrics (the ``method`` label names the protocol: ``kserve.ModelInfer``)."""
+        """Every service this server answers, by name, with its methods, as the protocols
+        declare them: each protocol only converts to the one core, and every method gets the
+        same admission, auth, drain and metrics (the ``method`` label is the protocol's
+        prefix and the method's name: ``kserve.ModelInfer``)."""
         s = self.settings
-        model = ServedModel(self.manager, s.model_name)
-        mnist = DigitClassifier(self.batcher, self.manager, s)
-        kserve = KServe(self.batcher, model, s, lambda: self.health.serving, self.metrics.stats,
-                        _package_version())  # fmt: skip
-        tf_serving = TFServing(self.batcher, model, s)
-        unary = {
-            SERVICE_NAME: ("", mnist.unary_methods()),
-            KSERVE_SERVICE: ("kserve.", kserve.unary_methods()),
-            PREDICTION_SERVICE: ("tfserving.", tf_serving.prediction_methods()),
-            MODEL_SERVICE: ("tfserving.", tf_serving.model_methods()),
-        }
-        timing, tracing = s.server_timing == "on", self.tracing
-        services: dict[str, dict[str, rpc.Method]] = {
-            service: {
-                name: rpc.UnaryMethod(
-                    prefix + name,
-                    impl,
-                    self.calls,
-                    self.metrics,
-                    auth,
-                    timing,
-                    tracing,
-                    read_timeout=s.read_timeout_seconds,
-                )
-                for name, impl in impls.items()
-            }
-            for service, (prefix, impls) in unary.items()
-        }
-        codecs: dict[str, StreamCodec] = {"PredictStream": mnist, "kserve.ModelStreamInfer": kserve}
-        for path, label in STREAMS.items():
-            codec = codecs[label]
-            service, _, name = path.rpartition("/")
-            services[service][name] = StreamMethod(
-                label, codec, self.batcher, self.calls, self.metrics, auth,
-                window=s.max_stream_images, precondition=self.manager.serving_model,
-                tracing=tracing, path=f"/{path}", server_timing=timing,
-                read_timeout=s.read_timeout_seconds, idle_timeout=s.stream_idle_seconds,
-            )  # fmt: skip
+        timing, tracing = s.server_timing, self.tracing
+        services: dict[str, dict[str, rpc.Method]] = {}
+        for protocol in self.protocols:
+            prefix = protocol.label_prefix
+            for service in protocol.services():
+                methods: dict[str, rpc.Method] = services.setdefault(service.name, {})
+                for name, impl in service.unary.items():
+                    methods[name] = rpc.UnaryMethod(
+                        prefix + name, impl, self.calls, self.metrics, auth, timing, tracing,
+                        read_timeout=s.read_timeout_seconds,
+                    )  # fmt: skip
+                for name, codec in service.streams.items():
+                    methods[name] = StreamMethod(
+                        prefix + name, codec, self.core, self.calls, self.metrics, auth,
+                        window=s.max_stream_images, precondition=self.core.resolve,
+                        tracing=tracing, path=f"/{service.name}/{name}", server_timing=timing,
+                        read_timeout=s.read_timeout_seconds, idle_timeout=s.stream_idle_seconds,
+                    )  # fmt: skip
         return services
 
     def _credentials(self) -> grpc.ServerCredentials | None:
@@ -306,7 +302,7 @@ class ModelServer:
         self._track_gauges(labels)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
-            [*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            [*self.service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME],
             server,
             pool=reflection_pool(),
         )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,6 +35,14 @@ from server.versions import (
 
 log = logging.getLogger(__name__)
 WAITING_LOG_SECONDS = 30.0  # while no version serves, the reason is logged this often
+
+
+class VersionLoader(Protocol):
+    """How a version folder becomes a checked, warmed-up model (:func:`load_version`)."""
+
+    def __call__(
+        self, model_dir: Path, version: int, runtime: str, threads: int, max_batch: int
+    ) -> LoadedModel: ...
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,11 @@ class ModelManager:
         threads: int = 0,
         max_batch: int = 256,
         monitoring: ModelMonitoring | None = None,
+        loader: VersionLoader = load_version,
     ) -> None:
         self.model_dir = model_dir
         self.monitoring = monitoring
+        self._load = loader  # load_version; a test's fake runtime comes in here
         self.pinned_version = pinned_version
         self.runtime = runtime
         self.threads = threads
@@ -118,7 +128,7 @@ class ModelManager:
                 if self.pinned_version is None and current is not None and wanted < current:
                     return False
                 try:
-                    model = load_version(
+                    model = self._load(
                         self.model_dir, wanted, self.runtime, self.threads, self.max_batch
                     )
                 except VersionIncomplete as err:

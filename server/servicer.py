@@ -1,8 +1,9 @@
-"""The ``mnist.v1.DigitClassifier`` methods: read the request, batch, write the answer.
+"""The ``mnist.v1.DigitClassifier`` protocol: its messages to the inference core and back.
 
-Each method only converts (bytes to a uint8 array with :mod:`server.wire`, the batcher's
-answer back to bytes) and delegates; admission, auth, status mapping and metrics live in
-:mod:`server.rpc`.
+Each method only converts (bytes to a uint8 array with :mod:`server.wire`, the core's answer
+back to bytes) and delegates to :class:`~server.core.InferenceCore`; admission, auth, status
+mapping and metrics live in :mod:`server.rpc`. mnist.v1 requests name no model or version
+yet: they go to the default.
 """
 
 from __future__ import annotations
@@ -22,56 +23,62 @@ from mnist_client.contract import (
 )
 from mnist_client.pb import digit_classifier_pb2 as pb
 from server import wire
-from server.batcher import Answer, DynamicBatcher
+from server.batcher import Answer
 from server.errors import ServiceError
-from server.manager import ModelManager
-from server.rpc import Call, UnaryImpl
-from server.settings import Settings
+from server.protocols.base import ProtocolContext, Service
+from server.rpc import Call
 from server.streams import ItemError
+from server.versions import LoadedModel
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
 
 
 class DigitClassifier:
-    """Implements the RPCs on top of the batcher and the model manager."""
+    """mnist.v1's methods, each a converter to the inference core."""
 
-    def __init__(self, batcher: DynamicBatcher, manager: ModelManager, settings: Settings):
-        self._batcher = batcher
-        self._manager = manager
-        self._settings = settings
+    label_prefix = ""  # mnist.v1's methods are the metrics' plain names: Predict, ...
 
-    def unary_methods(self) -> dict[str, UnaryImpl]:
-        """The unary RPCs by name, for :func:`server.rpc.register`."""
-        return {
+    def __init__(self, context: ProtocolContext) -> None:
+        self._core = context.core
+        self._settings = context.settings
+
+    def services(self) -> list[Service]:
+        """``mnist.v1.DigitClassifier``: three unary methods and PredictStream."""
+        unary = {
             "Predict": self.predict,
             "BatchPredict": self.batch_predict,
             "GetModelInfo": self.get_model_info,
         }
+        return [Service(SERVICE_NAME, unary, {"PredictStream": self})]
 
     async def predict(self, raw: bytes, call: Call) -> bytes:
         call.images = 1  # a Predict carries one image, even one that turns out to be wrong
         images = wire.parse_predict(raw)
-        self._manager.serving_model()
-        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        answer = call.answer = await self._core.infer(images, call.deadline)
         return wire.encode_predict(answer.probabilities[0], int(answer.versions[0]))
 
     async def batch_predict(self, raw: bytes, call: Call) -> bytes:
         images = wire.parse_batch_predict(raw, self._settings.max_images_per_request)
         call.images = len(images)
-        self._manager.serving_model()
-        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        answer = call.answer = await self._core.infer(images, call.deadline)
         return wire.encode_batch_predict(answer.probabilities, answer.versions)
 
     # PredictStream: the codec that server.streams.StreamMethod reads and answers with
 
-    def read(self, raw: bytes) -> tuple[int, np.ndarray]:
-        """A PredictStreamRequest's id and image; a wrong image is that id's own error."""
+    def read(self, raw: bytes) -> tuple[int, np.ndarray, LoadedModel]:
+        """A PredictStreamRequest's id, its image and the version for it; a wrong image (or
+        no version to serve it) is that id's own error."""
         try:
-            return wire.parse_stream_request(raw)
+            request_id, image = wire.parse_stream_request(raw)
         except wire.StreamImageError as err:
             raise ItemError(err.request_id, err) from None
+        try:
+            return request_id, image, self._core.resolve()
+        except ServiceError as err:
+            raise ItemError(request_id, err) from None
 
     def answer(self, key: Any, answer: Answer, total_s: float | None) -> bytes:
+        """A PredictStreamResponse with the prediction (and its timing)."""
         timing = None
         if total_s is not None:
             timing = (answer.queue_s, answer.compute_s, total_s, answer.batch_size)
@@ -80,13 +87,14 @@ class DigitClassifier:
         )
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
+        """A PredictStreamResponse with the error, for the request ``key``."""
         return wire.encode_stream_error(key, error.code.value[0], error.message)
 
     async def get_model_info(self, raw: bytes, call: Call) -> bytes:
         wire.parse_empty(raw)
-        model = self._manager.serving_model()
+        model = self._core.resolve()
         s = self._settings
-        failure = self._manager.last_failure
+        failure = self._core.manager.last_failure
         return pb.GetModelInfoResponse(
             model_version=model.version,
             architecture=model.architecture,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,53 +19,217 @@ ENV_PREFIX = "MNIST_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def _help(text: str) -> dict[str, str]:
+    """A settings field's metadata: what it means (its ``--help`` and README text)."""
+    return {"help": text}
+
+
+def on_off(text: str) -> bool:
+    """An on/off setting's value: on, true, yes, 1 or off, false, no, 0 (any case)."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{text!r} is not on or off")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server can be told. Field names match the flags (``--max-batch-size``)."""
+    """Everything the server can be told. Field names match the flags (``--max-batch-size``);
+    each field's help text stands beside it (``--help`` and the README's table come from it),
+    and on/off settings are booleans."""
 
-    model_dir: Path
-    workers: int = 1
-    host: str = "0.0.0.0"
-    port: int = 8500
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9100
-    metrics_tls_cert: Path | None = None
-    metrics_tls_key: Path | None = None
-    metrics_token_file: Path | None = None
-    ready_file: Path | None = None
-    model_version: int | None = None
-    model_name: str = "mnist"
-    model_threads: int = 0
-    runtime: str = "auto"
-    max_batch_size: int = 256
-    batch_timeout_ms: float = 0.0
-    max_queue_images: int = 8192
-    max_images_per_request: int = 4096
-    max_message_bytes: int = 8 * 1024 * 1024
-    max_concurrent_streams: int = 1024
-    max_concurrent_rpcs: int = 256
-    max_pending_calls: int = 0
-    read_timeout_seconds: float = 10.0
-    max_open_streams: int = 128
-    stream_idle_seconds: float = 60.0
-    max_stream_images: int = 256
-    server_timing: str = "on"
-    tracing: str = "off"
-    model_monitoring: str = "on"
-    drift_window_seconds: float = 60.0
-    payload_log_dir: Path | None = None
-    payload_log_percent: float = 1.0
-    payload_log_images: str = "off"
-    payload_log_max_mb: float = 100.0
-    max_inflight_bytes: int = 64 * 1024 * 1024
-    poll_seconds: float = 2.0
-    grace_seconds: float = 20.0
-    pre_stop_seconds: float = 0.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token_file: Path | None = None
-    log_level: str = "INFO"
+    model_dir: Path = field(
+        metadata=_help("folder of integer model versions (MODEL_DIR/1, MODEL_DIR/2, ...)")
+    )
+    workers: int = field(
+        default=1,
+        metadata=_help(
+            "server processes sharing the gRPC port, each with its own batcher and model (auto = "
+            "one per core); metrics of all of them on the one metrics port"
+        ),
+    )
+    host: str = field(default="0.0.0.0", metadata=_help("address the gRPC port binds to"))
+    port: int = field(default=8500, metadata=_help("gRPC port (0 = pick a free one)"))
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata=_help("address the metrics port (/metrics, /readyz) binds to; 0.0.0.0 = all"),
+    )
+    metrics_port: int = field(
+        default=9100, metadata=_help("Prometheus metrics port (0 = pick a free one)")
+    )
+    metrics_tls_cert: Path | None = field(
+        default=None, metadata=_help("PEM certificate for the metrics port (enables HTTPS there)")
+    )
+    metrics_tls_key: Path | None = field(
+        default=None, metadata=_help("PEM private key for the metrics port")
+    )
+    metrics_token_file: Path | None = field(
+        default=None,
+        metadata=_help("file holding a bearer token that scrapes of /metrics must present"),
+    )
+    ready_file: Path | None = field(
+        default=None,
+        metadata=_help(
+            "write {pid, ports, serving} here as JSON once the ports are bound, and again whenever"
+            " health changes"
+        ),
+    )
+    model_version: int | None = field(
+        default=None,
+        metadata=_help("serve exactly this version and do not follow new ones (default: highest)"),
+    )
+    model_name: str = field(
+        default="mnist",
+        metadata=_help("the model's name in the KServe v2 and TensorFlow Serving protocols"),
+    )
+    model_threads: int = field(
+        default=0, metadata=_help("threads per model call (0 = one per core)")
+    )
+    runtime: str = field(
+        default="auto",
+        metadata=_help(
+            "litert (model.tflite on XNNPACK, CPU, no TensorFlow), keras (model.keras on JAX: GPU "
+            "or CPU), tensorflow (the SavedModel), or auto (litert on a CPU; on a GPU tensorflow "
+            "if installed, else keras)"
+        ),
+    )
+    max_batch_size: int = field(
+        default=256, metadata=_help("most images in one model call (1 = no batching)")
+    )
+    batch_timeout_ms: float = field(
+        default=0.0,
+        metadata=_help("extra wait to fill a batch once the model is free (0 = never wait)"),
+    )
+    max_queue_images: int = field(
+        default=8192,
+        metadata=_help("images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED"),
+    )
+    max_images_per_request: int = field(
+        default=4096, metadata=_help("most images in one BatchPredict")
+    )
+    max_message_bytes: int = field(
+        default=8 * 1024 * 1024, metadata=_help("largest request or response message")
+    )
+    max_concurrent_streams: int = field(
+        default=1024, metadata=_help("most concurrent RPCs per HTTP/2 connection")
+    )
+    max_concurrent_rpcs: int = field(
+        default=256,
+        metadata=_help(
+            "most unary RPCs in flight over all connections, counted once their request message "
+            "has arrived; beyond this new calls get RESOURCE_EXHAUSTED at once"
+        ),
+    )
+    max_pending_calls: int = field(
+        default=0,
+        metadata=_help(
+            "most calls waiting inside gRPC for the event loop to take them up (0 = gRPC's "
+            "default); beyond this gRPC itself drops new calls, at no cost to the server, and "
+            "their callers see CANCELLED (see Limits)"
+        ),
+    )
+    read_timeout_seconds: float = field(
+        default=10.0,
+        metadata=_help(
+            "a call whose request message (a stream's first message) has not arrived after this "
+            "long is ended with DEADLINE_EXCEEDED; until its message arrives a call holds no place"
+            " among the calls in flight"
+        ),
+    )
+    max_open_streams: int = field(
+        default=128,
+        metadata=_help(
+            "most streams open at once (PredictStream, KServe ModelStreamInfer), a budget apart "
+            "from --max-concurrent-rpcs; beyond this new streams get RESOURCE_EXHAUSTED"
+        ),
+    )
+    stream_idle_seconds: float = field(
+        default=60.0,
+        metadata=_help(
+            "a stream with nothing in flight that sends nothing for this long is ended with "
+            "DEADLINE_EXCEEDED"
+        ),
+    )
+    max_stream_images: int = field(
+        default=256,
+        metadata=_help(
+            "most images in flight per stream (PredictStream, KServe ModelStreamInfer: read, not "
+            "yet answered); at this the server stops reading the stream until answers go out"
+        ),
+    )
+    server_timing: bool = field(
+        default=True,
+        metadata=_help(
+            "on (or true, yes, 1): every prediction answers with a server-timing trailer (queue, "
+            "compute and total ms, batch size, version); off (false, no, 0): none"
+        ),
+    )
+    tracing: str = field(
+        default="off",
+        metadata=_help(
+            "otlp: OpenTelemetry spans per call (with queue and compute children) to the OTLP "
+            "exporter set by OTEL_EXPORTER_OTLP_* (needs the tracing extra); off: none"
+        ),
+    )
+    model_monitoring: bool = field(
+        default=True,
+        metadata=_help(
+            "on: model-quality metrics per version (predicted digits, confidence, input "
+            "statistics, drift score against the version's profile.json); off: none"
+        ),
+    )
+    drift_window_seconds: float = field(
+        default=60.0,
+        metadata=_help("sliding window of the drift score and the low-confidence share"),
+    )
+    payload_log_dir: Path | None = field(
+        default=None,
+        metadata=_help(
+            "write a sample of requests (image hash, statistics, prediction, confidence, "
+            "version, time) as rotating JSON lines here; unset: no payload log"
+        ),
+    )
+    payload_log_percent: float = field(
+        default=1.0, metadata=_help("share of images the payload log samples, in percent")
+    )
+    payload_log_images: bool = field(
+        default=False,
+        metadata=_help("on: the payload log also keeps each sampled image (base64)"),
+    )
+    payload_log_max_mb: float = field(
+        default=100.0, metadata=_help("most disk the payload log uses (5 rotating files)")
+    )
+    max_inflight_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_help(
+            "most request bytes held by calls in flight (what a request expands to, where that is "
+            "more); beyond this new calls get RESOURCE_EXHAUSTED"
+        ),
+    )
+    poll_seconds: float = field(
+        default=2.0, metadata=_help("how often the model folder is checked for new versions")
+    )
+    grace_seconds: float = field(
+        default=20.0, metadata=_help("on SIGTERM, time allowed to finish accepted requests")
+    )
+    pre_stop_seconds: float = field(
+        default=0.0,
+        metadata=_help("on SIGTERM, time to keep serving after health turns NOT_SERVING"),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=_help("PEM server certificate (enables TLS)")
+    )
+    tls_key: Path | None = field(default=None, metadata=_help("PEM server private key"))
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_help("PEM CA bundle; clients must present a certificate it signed (mTLS)"),
+    )
+    auth_token_file: Path | None = field(
+        default=None, metadata=_help("file holding a bearer token that every call must present")
+    )
+    log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,10 +254,6 @@ class Settings:
             problems.append("--max-queue-images must be >= --max-images-per-request")
         if self.max_message_bytes < self.max_images_per_request * 790:  # 787 B an image, framing
             problems.append("--max-message-bytes is too small for --max-images-per-request")
-        if self.server_timing not in ("on", "off"):
-            problems.append("--server-timing must be on or off")
-        if {self.model_monitoring, self.payload_log_images} - {"on", "off"}:
-            problems.append("--model-monitoring and --payload-log-images must be on or off")
         if self.drift_window_seconds < 6 or not 0 < self.payload_log_percent <= 100:
             problems.append("--drift-window-seconds must be >= 6, --payload-log-percent 0-100")
         if self.payload_log_max_mb <= 0:
@@ -120,70 +280,9 @@ class Settings:
             raise ValueError("; ".join(problems))
 
 
-# What each setting means: the --help text, and the README's table (a test keeps them equal).
-HELP = {
-    "model_dir": "folder of integer model versions (MODEL_DIR/1, MODEL_DIR/2, ...)",
-    "workers": "server processes sharing the gRPC port, each with its own batcher and model "
-    "(auto = one per core); metrics of all of them on the one metrics port",
-    "host": "address the gRPC port binds to",
-    "port": "gRPC port (0 = pick a free one)",
-    "metrics_host": "address the metrics port (/metrics, /readyz) binds to; 0.0.0.0 = all",
-    "metrics_port": "Prometheus metrics port (0 = pick a free one)",
-    "metrics_tls_cert": "PEM certificate for the metrics port (enables HTTPS there)",
-    "metrics_tls_key": "PEM private key for the metrics port",
-    "metrics_token_file": "file holding a bearer token that scrapes of /metrics must present",
-    "ready_file": "write {pid, ports, serving} here as JSON once the ports are bound, "
-    "and again whenever health changes",
-    "model_version": "serve exactly this version and do not follow new ones (default: highest)",
-    "model_name": "the model's name in the KServe v2 and TensorFlow Serving protocols",
-    "model_threads": "threads per model call (0 = one per core)",
-    "runtime": "litert (model.tflite on XNNPACK, CPU, no TensorFlow), keras (model.keras on "
-    "JAX: GPU or CPU), tensorflow (the SavedModel), or auto (litert on a CPU; on a GPU "
-    "tensorflow if installed, else keras)",
-    "max_batch_size": "most images in one model call (1 = no batching)",
-    "batch_timeout_ms": "extra wait to fill a batch once the model is free (0 = never wait)",
-    "max_queue_images": "images allowed to wait; beyond this new requests get RESOURCE_EXHAUSTED",
-    "max_images_per_request": "most images in one BatchPredict",
-    "max_message_bytes": "largest request or response message",
-    "max_concurrent_streams": "most concurrent RPCs per HTTP/2 connection",
-    "max_concurrent_rpcs": "most unary RPCs in flight over all connections, counted once "
-    "their request message has arrived; beyond this new calls get RESOURCE_EXHAUSTED at once",
-    "max_pending_calls": "most calls waiting inside gRPC for the event loop to take them up "
-    "(0 = gRPC's default); beyond this gRPC itself drops new calls, at no cost to the server, "
-    "and their callers see CANCELLED (see Limits)",
-    "read_timeout_seconds": "a call whose request message (a stream's first message) has not "
-    "arrived after this long is ended with DEADLINE_EXCEEDED; until its message arrives a "
-    "call holds no place among the calls in flight",
-    "max_open_streams": "most streams open at once (PredictStream, KServe ModelStreamInfer), "
-    "a budget apart from --max-concurrent-rpcs; beyond this new streams get RESOURCE_EXHAUSTED",
-    "stream_idle_seconds": "a stream with nothing in flight that sends nothing for this long "
-    "is ended with DEADLINE_EXCEEDED",
-    "max_inflight_bytes": "most request bytes held by calls in flight (what a request expands "
-    "to, where that is more); beyond this new calls get RESOURCE_EXHAUSTED",
-    "server_timing": "on: every prediction answers with a server-timing trailer (queue, "
-    "compute and total ms, batch size, version); off: none",
-    "tracing": "otlp: OpenTelemetry spans per call (with queue and compute children) to the OTLP "
-    "exporter set by OTEL_EXPORTER_OTLP_* (needs the tracing extra); off: none",
-    "model_monitoring": "on: model-quality metrics per version (predicted digits, confidence, "
-    "input statistics, drift score against the version's profile.json); off: none",
-    "drift_window_seconds": "sliding window of the drift score and the low-confidence share",
-    "payload_log_dir": "write a sample of requests (image hash, statistics, prediction, "
-    "confidence, version, time) as rotating JSON lines here; unset: no payload log",
-    "payload_log_percent": "share of images the payload log samples, in percent",
-    "payload_log_images": "on: the payload log also keeps each sampled image (base64)",
-    "payload_log_max_mb": "most disk the payload log uses (5 rotating files)",
-    "max_stream_images": "most images in flight per stream (PredictStream, KServe "
-    "ModelStreamInfer: read, not yet answered); at this the server stops reading the stream "
-    "until answers go out",
-    "poll_seconds": "how often the model folder is checked for new versions",
-    "grace_seconds": "on SIGTERM, time allowed to finish accepted requests",
-    "pre_stop_seconds": "on SIGTERM, time to keep serving after health turns NOT_SERVING",
-    "tls_cert": "PEM server certificate (enables TLS)",
-    "tls_key": "PEM server private key",
-    "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
-    "auth_token_file": "file holding a bearer token that every call must present",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
-}
+# What each setting means, from the fields: the --help text, and the README's table (a test
+# keeps them equal).
+HELP = {f.name: str(f.metadata["help"]) for f in fields(Settings)}
 
 
 def _flag(name: str) -> str:
@@ -205,6 +304,8 @@ def _workers(text: str) -> int:
 def _converter(name: str, annotation: str) -> Any:
     if name == "workers":
         return _workers
+    if annotation == "bool":
+        return on_off
     if "Path" in annotation:
         return Path
     if annotation.startswith("int"):

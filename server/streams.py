@@ -39,14 +39,16 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from server.batcher import Answer, DynamicBatcher, Pending
+from server.batcher import Answer, Pending
 from server.calls import CallTracker
 from server.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from server.metrics import ServerMetrics
 from server.rpc import Authenticator, Outcome, deadline_of
 
 if TYPE_CHECKING:
+    from server.core import InferenceCore
     from server.tracing import Tracing
+    from server.versions import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,9 @@ class ItemError(ServiceError):
 class StreamCodec(Protocol):
     """How one protocol's stream messages are read and its answers written."""
 
-    def read(self, raw: bytes) -> tuple[Any, np.ndarray]:
-        """The message's key and its images ``[N, 28, 28]``.
+    def read(self, raw: bytes) -> tuple[Any, np.ndarray, LoadedModel]:
+        """The message's key, its images ``[N, 28, 28]`` and the version they are for (the
+        core's ``resolve``, which the codec calls where its protocol checks the model).
 
         Raises:
             ItemError: this message is wrong; answer it with an error, read on.
@@ -90,7 +93,7 @@ class StreamMethod:
         self,
         name: str,
         codec: StreamCodec,
-        batcher: DynamicBatcher,
+        core: InferenceCore,
         calls: CallTracker,
         metrics: ServerMetrics,
         auth: Authenticator,
@@ -104,7 +107,7 @@ class StreamMethod:
     ) -> None:
         self.name = name
         self.codec = codec
-        self.batcher = batcher
+        self.core = core
         self.calls = calls
         self.metrics = metrics
         self.auth = auth
@@ -191,7 +194,7 @@ class _Stream:
             if not reader.done():
                 reader.cancel()
             for pending in self.pending:
-                self.m.batcher.abandon(pending)
+                self.m.core.abandon(pending)
             self.m.calls.release(self.held_bytes)  # what was never answered
 
     def _arm_idle(self) -> None:
@@ -266,7 +269,7 @@ class _Stream:
             self.messages += 1
             read_at = time.perf_counter()
             try:
-                key, images = codec.read(raw)
+                key, images, loaded = codec.read(raw)
             except ItemError as err:  # read, so it is answered, drain or not
                 self.in_flight += 1
                 self._post(codec.fail(err.key, err), 1, 0, err.code.name)
@@ -281,7 +284,7 @@ class _Stream:
                 continue
             self.held_bytes += len(raw)
             try:
-                pending = m.batcher.enqueue(images, self.deadline)
+                pending = m.core.enqueue(images, loaded, self.deadline)
             except Unavailable:  # the batcher is shutting down: end like a drain
                 self.in_flight -= n
                 self.held_bytes -= len(raw)

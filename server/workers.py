@@ -38,24 +38,12 @@ from typing import Any
 
 from server.ready_file import write_ready_file
 from server.settings import Settings, read_token
+from server.worker_link import EXIT_CANNOT_START, WorkerLink
 
 log = logging.getLogger(__name__)
 
 RESTART_PAUSE_SECONDS = 1.0  # between a worker's death and its restart; doubles while it
 MAX_RESTART_PAUSE_SECONDS = 30.0  # keeps dying before it serves, up to this
-EXIT_CANNOT_START = 2  # a worker's status when its settings cannot work (no use restarting)
-REPORT_SECONDS = 0.25  # how often a worker reports its state and reads its peers'
-
-
-class WorkerLink:
-    """What a worker shares with the supervisor and its peers: one slot per worker."""
-
-    def __init__(self, index: int, slots: Any) -> None:
-        self.index = index
-        self.slots = slots  # multiprocessing Array of bytes: 1 = that worker serves
-
-    def report(self, serving: bool) -> None:
-        self.slots[self.index] = 1 if serving else 0
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -73,8 +61,16 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _stop_while_starting(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def _worker_main(settings: Settings, index: int, slots: Any, log_level: str) -> None:
     """A worker process: a complete server on the shared port (spawned, fresh interpreter)."""
+    # A SIGTERM that comes while the worker still starts (importing, before ``run`` takes the
+    # signal over) finds nothing to drain: exit 0, not killed by the signal (the supervisor
+    # would count it a failure: a worker stopped right after its start, seen on a busy machine).
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     import asyncio
 
     logging.basicConfig(

@@ -38,6 +38,22 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 SERVER_PYTHON = os.environ.get("MNIST_TEST_SERVER_PYTHON") or sys.executable
 
 
+FAST_TESTS = ROOT / "tests" / "fast"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """``pytest -m fast`` collects only ``tests/fast``: other test modules import TensorFlow
+    (or train a model) as they are collected, which the fast tier must not."""
+    if (
+        config.option.markexpr == "fast"
+        and collection_path.suffix == ".py"
+        and collection_path.name != "conftest.py"
+        and FAST_TESTS not in collection_path.parents
+    ):
+        return True
+    return None
+
+
 def _data_dir() -> Path:
     env = os.environ.get("MNIST_DATA_DIR")
     return Path(env) if env else ROOT.parent / "shared" / "data" / "mnist"

@@ -1,18 +1,62 @@
-"""What every protocol translation needs: the served model by name and version, and parsing."""
+"""What a protocol is to the server: the services it declares, what it is built from, and
+the parsing every protocol's converter shares.
+
+A protocol is a class built from a :class:`ProtocolContext` (``Protocol(context)``) that
+declares its endpoints (:class:`ServingProtocol`): the gRPC services it serves, each with
+its unary methods and its stream methods, and the prefix of its ``method`` metrics label.
+``server.app`` registers, counts, traces and health-checks whatever the protocols in its one
+list declare.
+"""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from mnist_client.contract import IMAGE_SHAPE, INPUT_NAME
-from server.errors import InvalidArgument, NotFound, quoted
-from server.manager import ModelManager
-from server.versions import LoadedModel
+from server.core import InferenceCore
+from server.errors import InvalidArgument
+from server.metrics import InferenceStats
+from server.rpc import UnaryImpl
+from server.settings import Settings
+from server.streams import StreamCodec
 from server.wire import check_count
 
 M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class ProtocolContext:
+    """What a protocol is built from: the core it converts to, and the server's facts."""
+
+    core: InferenceCore
+    settings: Settings
+    serving: Callable[[], bool]  # the server's health: SERVING (a version, not draining)
+    stats: InferenceStats  # inference statistics, as Triton's ModelStatistics reports them
+    server_version: str  # this package's version
+
+
+@dataclass(frozen=True)
+class Service:
+    """One gRPC service a protocol serves: its full name and its methods by name."""
+
+    name: str  # "inference.GRPCInferenceService"
+    unary: Mapping[str, UnaryImpl]
+    streams: Mapping[str, StreamCodec] = field(default_factory=dict)  # bidirectional ones
+
+
+class ServingProtocol(Protocol):
+    """A protocol's declaration of its endpoints."""
+
+    # before each method name in the ``method`` metrics label ("kserve." -> kserve.ModelInfer)
+    label_prefix: str
+
+    def services(self) -> list[Service]:
+        """Every service this protocol serves, with its methods."""
+        ...
 
 
 def parse(message_type: type[M], raw: bytes) -> M:
@@ -40,30 +84,3 @@ def image_count(shape: list[int], max_images: int) -> int:
         )
     check_count(shape[0], max_images)
     return shape[0]
-
-
-class ServedModel:
-    """The one model this server serves, as the protocols name it."""
-
-    def __init__(self, manager: ModelManager, name: str) -> None:
-        self._manager = manager
-        self.name = name
-
-    def get(self, name: str, version: str = "") -> LoadedModel:
-        """The loaded model when ``name`` (and ``version``, if given) is what is served.
-
-        Raises:
-            NotFound: another model or version was asked for.
-            Unavailable: no version is loaded yet.
-        """
-        if name != self.name:
-            raise NotFound(
-                f"model {quoted(name)} is not served here; this server serves '{self.name}'"
-            )
-        model = self._manager.serving_model()
-        if version and version != str(model.version):
-            raise NotFound(
-                f"version {quoted(version)} of model '{name}' is not served; "
-                f"version {model.version} is"
-            )
-        return model

@@ -42,15 +42,15 @@ from mnist_client.contract import (
 )
 from mnist_client.timing import HEADER as TIMING_HEADER
 from mnist_client.timing import format_server_timing
-from server.batcher import Answer, DynamicBatcher
-from server.errors import InvalidArgument, NotFound, ServiceError, Unavailable, bounded, quoted
-from server.metrics import Duration, InferenceStats
-from server.protocols.base import ServedModel, image_count, parse
+from server.batcher import Answer
+from server.errors import InvalidArgument, ServiceError, bounded, quoted
+from server.metrics import Duration
+from server.protocols.base import ProtocolContext, Service, image_count, parse
 from server.protocols.pb import open_inference_grpc_pb2 as oip
 from server.protocols.pb import triton_extensions_pb2 as triton
-from server.rpc import Call, UnaryImpl
-from server.settings import Settings
+from server.rpc import Call
 from server.streams import ItemError
+from server.versions import LoadedModel
 from server.wire import float32_le
 
 SERVICE = "inference.GRPCInferenceService"
@@ -62,26 +62,20 @@ FINAL_RESPONSE = "triton_final_response"
 
 
 class KServe:
-    """The KServe v2 methods over the shared batcher."""
+    """The KServe v2 methods, each a converter to the inference core."""
 
-    def __init__(
-        self,
-        batcher: DynamicBatcher,
-        model: ServedModel,
-        settings: Settings,
-        serving: Any,
-        stats: InferenceStats,
-        version: str,
-    ) -> None:
-        self._batcher = batcher
-        self._model = model
-        self._settings = settings
-        self._serving = serving  # () -> bool: the server's health
-        self._stats = stats
-        self._version = version
+    label_prefix = "kserve."
 
-    def unary_methods(self) -> dict[str, UnaryImpl]:
-        return {
+    def __init__(self, context: ProtocolContext) -> None:
+        self._core = context.core
+        self._settings = context.settings
+        self._serving = context.serving
+        self._stats = context.stats
+        self._version = context.server_version
+
+    def services(self) -> list[Service]:
+        """``inference.GRPCInferenceService``: the unary methods and ModelStreamInfer."""
+        unary = {
             "ServerLive": self.server_live,
             "ServerReady": self.server_ready,
             "ModelReady": self.model_ready,
@@ -91,6 +85,11 @@ class KServe:
             "ModelConfig": self.model_config,
             "ModelStatistics": self.model_statistics,
         }
+        return [Service(SERVICE, unary, {"ModelStreamInfer": self})]
+
+    def _resolve(self, name: str, version: str) -> LoadedModel:
+        """The core's version for a request's model name and version ("": any)."""
+        return self._core.resolve(name, version or None)
 
     # --- health and metadata
 
@@ -104,11 +103,8 @@ class KServe:
 
     async def model_ready(self, raw: bytes, call: Call) -> bytes:
         request = parse(oip.ModelReadyRequest, raw)
-        try:
-            self._model.get(request.name, request.version)
-        except (NotFound, Unavailable):
-            return oip.ModelReadyResponse(ready=False).SerializeToString()
-        return oip.ModelReadyResponse(ready=True).SerializeToString()
+        ready = self._core.model_ready(request.name, request.version or None)
+        return oip.ModelReadyResponse(ready=ready).SerializeToString()
 
     async def server_metadata(self, raw: bytes, call: Call) -> bytes:
         parse(oip.ServerMetadataRequest, raw)
@@ -118,10 +114,10 @@ class KServe:
 
     async def model_metadata(self, raw: bytes, call: Call) -> bytes:
         request = parse(oip.ModelMetadataRequest, raw)
-        model = self._model.get(request.name, request.version)
+        model = self._resolve(request.name, request.version)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
-            name=self._model.name,
+            name=self._core.model_name,
             versions=[str(model.version)],
             platform=model.runtime_name,
             inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=INPUT_SHAPE)],
@@ -130,11 +126,11 @@ class KServe:
 
     async def model_config(self, raw: bytes, call: Call) -> bytes:
         request = parse(triton.ModelConfigRequest, raw)
-        model = self._model.get(request.name, request.version)
+        model = self._resolve(request.name, request.version)
         s = self._settings
         return triton.ModelConfigResponse(
             config=triton.ModelConfig(
-                name=self._model.name,
+                name=self._core.model_name,
                 platform=model.runtime_name,
                 backend=SERVER_NAME,
                 runtime=model.runtime_name,
@@ -153,8 +149,8 @@ class KServe:
 
     async def model_statistics(self, raw: bytes, call: Call) -> bytes:
         request = parse(triton.ModelStatisticsRequest, raw)
-        name = request.name or self._model.name  # "" asks for every model: there is one
-        model = self._model.get(name, request.version)
+        name = request.name or self._core.model_name  # "" asks for every model: there is one
+        model = self._resolve(name, request.version)
         st = self._stats
         return triton.ModelStatisticsResponse(
             model_stats=[triton.ModelStatistics(
@@ -180,40 +176,41 @@ class KServe:
     # --- inference
 
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
-        request, images = self._read(raw)
+        request = parse(oip.ModelInferRequest, raw)
+        images, model = self._images_of(request)
         call.images = len(images)
-        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        answer = call.answer = await self._core.submit(images, model, call.deadline)
         return _answer(
-            request, self._model.name, answer.probabilities, answer.versions
+            request, self._core.model_name, answer.probabilities, answer.versions
         ).SerializeToString()
 
-    def _read(self, raw: bytes) -> tuple[oip.ModelInferRequest, np.ndarray]:
-        request = parse(oip.ModelInferRequest, raw)
-        return request, self._images_of(request)
-
-    def _images_of(self, request: oip.ModelInferRequest) -> np.ndarray:
-        """The request's images, once its model, outputs and parameters are checked."""
-        self._model.get(request.model_name, request.model_version)
+    def _images_of(self, request: oip.ModelInferRequest) -> tuple[np.ndarray, LoadedModel]:
+        """The request's images and the version for them, once its model (first, as
+        Triton), outputs and parameters are checked."""
+        model = self._resolve(request.model_name, request.model_version)
         for output in request.outputs:
             if output.name != OUTPUT_NAME:
                 raise InvalidArgument(
-                    f"output {quoted(output.name)} is not known; model '{self._model.name}' "
-                    f"gives '{OUTPUT_NAME}'"
+                    f"output {quoted(output.name)} is not known; model "
+                    f"'{self._core.model_name}' gives '{OUTPUT_NAME}'"
                 )
         _classes(request)  # a bad classification parameter fails before any compute
-        return _images(request, self._settings.max_images_per_request)
+        return _images(request, self._settings.max_images_per_request), model
 
     # --- ModelStreamInfer: the codec server.streams.StreamMethod reads and answers with
 
-    def read(self, raw: bytes) -> tuple[Any, np.ndarray]:
+    def read(self, raw: bytes) -> tuple[Any, np.ndarray, LoadedModel]:
+        """A stream's ModelInferRequest (its own key), its images and their version."""
         request = parse(oip.ModelInferRequest, raw)  # not a request: the stream is broken
         try:
-            return request, self._images_of(request)
+            images, model = self._images_of(request)
         except ServiceError as err:  # this request's own error: answered, the stream goes on
             raise ItemError(request, err) from None
+        return request, images, model
 
     def answer(self, key: Any, answer: Answer, total_s: float | None) -> bytes:
-        response = _answer(key, self._model.name, answer.probabilities, answer.versions)
+        """A ModelStreamInferResponse with the request's outputs (and its timing)."""
+        response = _answer(key, self._core.model_name, answer.probabilities, answer.versions)
         if total_s is not None:
             # the unary call's server-timing trailer, as a response parameter (a stream has
             # one trailer for all its answers)
@@ -225,6 +222,7 @@ class KServe:
         return triton.ModelStreamInferResponse(infer_response=response).SerializeToString()
 
     def fail(self, key: Any, error: ServiceError) -> bytes:
+        """A ModelStreamInferResponse with the error's bare message, for the request."""
         echo = oip.ModelInferResponse(
             model_name=key.model_name, model_version=key.model_version, id=key.id
         )

@@ -33,13 +33,12 @@ from mnist_client.contract import (
     OUTPUT_SHAPE,
     SIGNATURE,
 )
-from server.batcher import DynamicBatcher
+from server.core import UnknownLabel
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented, bounded
-from server.protocols.base import ServedModel, image_count, parse
+from server.protocols.base import ProtocolContext, Service, image_count, parse
 from server.protocols.pb import tensorflow_core_pb2 as tf
 from server.protocols.pb import tensorflow_serving_pb2 as tfs
-from server.rpc import Call, UnaryImpl
-from server.settings import Settings
+from server.rpc import Call
 from server.versions import LoadedModel
 from server.wire import float32_le
 
@@ -50,39 +49,41 @@ _DTYPE_NAMES = {v.number: v.name for v in tf.DataType.DESCRIPTOR.values}
 
 
 class TFServing:
-    """The TensorFlow Serving methods over the shared batcher."""
+    """The TensorFlow Serving methods, each a converter to the inference core."""
 
-    def __init__(self, batcher: DynamicBatcher, model: ServedModel, settings: Settings) -> None:
-        self._batcher = batcher
-        self._model = model
-        self._settings = settings
+    label_prefix = "tfserving."
 
-    def prediction_methods(self) -> dict[str, UnaryImpl]:
-        return {
+    def __init__(self, context: ProtocolContext) -> None:
+        self._core = context.core
+        self._settings = context.settings
+
+    def services(self) -> list[Service]:
+        """``PredictionService`` and ``ModelService``."""
+        prediction = {
             "Predict": self.predict,
             "GetModelMetadata": self.get_model_metadata,
             "Classify": self._unimplemented,
             "Regress": self._unimplemented,
             "MultiInference": self._unimplemented,
         }
-
-    def model_methods(self) -> dict[str, UnaryImpl]:
-        return {"GetModelStatus": self.get_model_status}
+        return [
+            Service(PREDICTION_SERVICE, prediction),
+            Service(MODEL_SERVICE, {"GetModelStatus": self.get_model_status}),
+        ]
 
     def _served(self, spec: tfs.ModelSpec) -> LoadedModel:
-        if spec.version_label:  # no labels are assigned here
+        """The core's version for a model spec, refused in TF Serving's words."""
+        version = spec.version.value if spec.HasField("version") else None  # 0 is a version
+        try:
+            model = self._core.resolve(spec.name, version, spec.version_label or None)
+        except UnknownLabel:
             raise InvalidArgument(
                 f"Unrecognized servable version label: {bounded(spec.version_label, 64)}"
-            )
-        version = spec.version.value if spec.HasField("version") else None
-        name = bounded(spec.name, 64)
-        request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
-        try:
-            model = self._model.get(spec.name)
+            ) from None
         except NotFound:
+            name = bounded(spec.name, 64)
+            request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
             raise NotFound(f"Servable not found for request: {request}") from None
-        if version is not None and version != model.version:  # 0 included: it is a version
-            raise NotFound(f"Servable not found for request: {request}")
         if spec.signature_name not in ("", SIGNATURE):  # TF Serving's status and words
             raise FailedPrecondition(
                 f'Serving signature key "{bounded(spec.signature_name, 64)}" not found.'
@@ -90,13 +91,13 @@ class TFServing:
         return model
 
     def _spec(self, version: int) -> tfs.ModelSpec:
-        spec = tfs.ModelSpec(name=self._model.name, signature_name=SIGNATURE)
+        spec = tfs.ModelSpec(name=self._core.model_name, signature_name=SIGNATURE)
         spec.version.value = version
         return spec
 
     async def predict(self, raw: bytes, call: Call) -> bytes:
         request = parse(tfs.PredictRequest, raw)
-        self._served(request.model_spec)
+        model = self._served(request.model_spec)
         for name in request.output_filter:
             if name != OUTPUT_NAME:
                 raise InvalidArgument(
@@ -106,7 +107,7 @@ class TFServing:
                 )
         images = _images(request, self._settings.max_images_per_request, call.charge)
         call.images = len(images)
-        answer = call.answer = await self._batcher.submit(images, call.deadline)
+        answer = call.answer = await self._core.submit(images, model, call.deadline)
         probs, versions = answer.probabilities, answer.versions
         response = tfs.PredictResponse(model_spec=self._spec(int(versions[-1])))
         out = response.outputs[OUTPUT_NAME]
