@@ -30,6 +30,7 @@ def test_bench_smoke_produces_table_json_and_plot(
     for load in ("batch1024-c4", "stream100-c16", "kserve-c16", "tfserving-c16"):
         assert ("batched", load) in rows, load
     assert ("batched", "batch1024-c4") in rows
+    assert {("monitoring-off", "predict-c16"), ("monitoring-off", "batch1024-c4")} <= rows
     for row in data["table"]:
         assert row["errors"] == 0, row
         # (naive mode may finish no 1,024-image request within a 1-second smoke run)
@@ -43,6 +44,8 @@ def test_bench_smoke_produces_table_json_and_plot(
         "batched_vs_naive_litert_c16", "batched_vs_naive_c16", "batch1024_vs_in_process_b1024",
         "stream_images_per_s", "stream_images_vs_echo_aio_unary_c16",
         "stream_cpu_per_image_vs_echo_aio_unary_c16", "workers2_vs_workers1_c16",
+        "monitoring_rps_c16_vs_off", "monitoring_batch1024_images_vs_off",
+        "monitoring_cpu_per_request_c16_vs_off",
         "server_timing_cpu_cost_c16", "kserve_cpu_per_request_vs_native_c16",
         "tfserving_cpu_per_request_vs_native_c16",
     }  # fmt: skip

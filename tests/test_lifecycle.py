@@ -147,8 +147,13 @@ def test_sigterm_under_load_answers_every_accepted_request(
     assert server_codes["OK"] == traffic.codes["OK"] + 1  # + the probe's predict
     # the SDK retries UNAVAILABLE (4 attempts): each refused call is answered up to 4 times
     assert server_codes.get("UNAVAILABLE", 0) <= 4 * traffic.codes["UNAVAILABLE"]
-    assert set(traffic.codes) <= {"OK", "UNAVAILABLE"}, traffic.details
-    assert traffic.codes["OK"] + traffic.codes["UNAVAILABLE"] == traffic.sent
+    # A call that reaches gRPC's transport in the instant its port closes (after the quiet
+    # time, with nothing left in gRPC's queue at the last look) is cancelled by gRPC itself:
+    # the server never saw it (its codes above hold none), and callers retry elsewhere. At
+    # most one per concurrent caller can be in that instant.
+    assert set(traffic.codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, traffic.details
+    assert traffic.codes["CANCELLED"] <= 16, traffic.details
+    assert sum(traffic.codes.values()) == traffic.sent
 
 
 def test_overload_fails_fast_and_recovers(
