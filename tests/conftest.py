@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -11,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -381,3 +385,53 @@ async def start_gated(trained_model_dir: Path) -> AsyncIterator[StartGated]:
 @pytest.fixture
 async def gated(start_gated: StartGated) -> tuple[ModelServer, GatedRuntime]:
     return await start_gated()
+
+
+def prometheus_query(port: int, expr: str) -> list[dict[str, Any]]:
+    """The result of one instant query to the Prometheus on ``port``."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def run_prometheus(folder: Path, server: ServerProcess, rules: Path | None = None) -> Iterator[int]:
+    """Debian's Prometheus scraping ``server`` (job ``mnist-server``) and evaluating
+    ``rules`` every second; yields its port once it has scraped the server."""
+    binary = need("prometheus")
+    target = server.metrics_url.split("//")[1].split("/")[0]
+    rule_files = f"rule_files: ['{rules}']\n" if rules else ""
+    (folder / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n" + rule_files
+        + "scrape_configs:\n  - job_name: mnist-server\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )  # fmt: skip
+    (port,) = free_ports(1)
+    with open(folder / "prometheus.log", "w") as log:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={folder / 'prometheus.yml'}",
+             f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not _scraped(port):
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        "Prometheus never scraped the server:\n"
+                        + (folder / "prometheus.log").read_text()
+                    )
+                time.sleep(0.5)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _scraped(port: int) -> bool:
+    try:
+        return bool(prometheus_query(port, 'up{job="mnist-server"} == 1'))
+    except OSError:  # not listening yet
+        return False

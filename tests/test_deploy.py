@@ -9,8 +9,6 @@ import os
 import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -19,55 +17,16 @@ import pytest
 
 from mnist_client import DigitClient
 from mnist_client.pb import digit_classifier_pb2 as pb
-from tests.conftest import ROOT, ServerProcess, free_ports, need
+from tests.conftest import ROOT, ServerProcess, need, prometheus_query, run_prometheus
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "mnist.json"
-
-
-def _query(port: int, expr: str) -> list[dict[str, object]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        body = json.load(resp)
-    assert body["status"] == "success", body
-    return body["data"]["result"]  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
 def prometheus(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """Debian's Prometheus scraping the test server every second."""
-    binary = need("prometheus")
-    folder = tmp_path_factory.mktemp("prometheus")
-    metrics_target = server.metrics_url.split("//")[1].split("/")[0]
-    (folder / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: mnist-server\n    static_configs: [{{targets: ['{metrics_target}']}}]\n"
-    )
-    (port,) = free_ports(1)
-    log = open(folder / "prometheus.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [binary, f"--config.file={folder / 'prometheus.yml'}",
-         f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if _query(port, 'up{job="mnist-server"} == 1'):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(
-                "Prometheus never scraped the server:\n" + (folder / "prometheus.log").read_text()
-            )
+    with run_prometheus(tmp_path_factory.mktemp("prometheus"), server) as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 def _dashboard_queries() -> list[tuple[str, str]]:
@@ -118,7 +77,7 @@ def test_every_dashboard_query_returns_data(
         time.sleep(6)  # several scrapes under load
         empty = []
         for title, expr in _dashboard_queries():
-            result = _query(prometheus, expr.replace("$__rate_interval", "30s"))
+            result = prometheus_query(prometheus, expr.replace("$__rate_interval", "30s"))
             if not result:
                 empty.append(f"{title}: {expr}")
         assert not empty, "queries without data:\n" + "\n".join(empty)

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from server.monitoring import (
     image_statistics,
     psi,
 )
-from tests.conftest import ROOT, ServerProcess, free_ports, need, start_server
+from tests.conftest import ROOT, ServerProcess, prometheus_query, run_prometheus, start_server
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +107,16 @@ def test_psi_is_zero_for_the_reference_and_large_for_a_shift() -> None:
     assert psi(shifted, reference) > 3
 
 
+def _bad_kinds(x: np.ndarray) -> dict[str, np.ndarray]:
+    """What a caller might send by mistake, made from clean images ``x``."""
+    return {
+        "inverted": 255 - x,
+        "rotated": np.rot90(x, axes=(1, 2)).copy(),
+        "noise": np.random.default_rng(0).integers(0, 256, x.shape, dtype=np.uint8),
+        "blank": np.zeros_like(x),
+    }
+
+
 def _monitor(reference: np.ndarray, window_seconds: float = 60) -> VersionMonitor:
     return VersionMonitor(3, Profile.build(reference, _probabilities(reference)), window_seconds)
 
@@ -136,14 +143,7 @@ def test_clean_traffic_scores_low_and_each_kind_of_bad_input_scores_high(
         assert answers == 1000
         clean_scores.append(max(scores.values()))
     assert max(clean_scores) < DRIFT_THRESHOLD / 3, clean_scores
-    x = clean[:1000]
-    bad = {
-        "inverted": 255 - x,
-        "rotated": np.rot90(x, axes=(1, 2)).copy(),
-        "noise": rng.integers(0, 256, x.shape, dtype=np.uint8),
-        "blank": np.zeros_like(x),
-    }
-    for name, images in bad.items():
+    for name, images in _bad_kinds(clean[:1000]).items():
         monitor = _monitor(reference)
         _feed(monitor, images)
         scores, _, _ = monitor.drift()
@@ -254,12 +254,6 @@ def test_a_version_without_a_profile_serves_and_says_so(
 # --- the drift alert, end to end
 
 
-def _query(port: int, expr: str) -> list[dict[str, object]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.load(resp)["data"]["result"]  # type: ignore[no-any-return]
-
-
 @pytest.fixture(scope="module")
 def drift_server(
     trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -277,23 +271,10 @@ def test_the_drift_alert_fires_for_bad_inputs_and_clears_for_clean_ones(
 ) -> None:
     """The shipped alert rules in a real Prometheus (scraping and evaluating every second,
     ``for: 2m`` shortened to 0 s here), over a server with a 6 s drift window."""
-    binary = need("prometheus")
-    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
-    (tmp_path / "alerts.yml").write_text(rules.replace("for: 2m", "for: 0s"))
-    target = drift_server.metrics_url.split("//")[1].split("/")[0]
-    (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"rule_files: ['{tmp_path / 'alerts.yml'}']\n"
-        "scrape_configs:\n  - job_name: mnist-server\n"
-        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    rules = tmp_path / "alerts.yml"
+    rules.write_text(
+        (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text().replace("for: 2m", "for: 0s")
     )
-    (port,) = free_ports(1)
-    log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed below
-    prometheus = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     _, clean = mnist
     phase = {"images": clean}
     stop = threading.Event()
@@ -308,9 +289,6 @@ def test_the_drift_alert_fires_for_bad_inputs_and_clears_for_clean_ones(
                 i += 1
                 time.sleep(0.005)
 
-    def firing() -> bool:
-        return bool(_query(port, 'ALERTS{alertname="MnistInputDrift", alertstate="firing"}'))
-
     def wait(condition: Callable[[], object], what: str, limit: float = 60) -> float:
         started = time.monotonic()
         while not condition():
@@ -320,39 +298,26 @@ def test_the_drift_alert_fires_for_bad_inputs_and_clears_for_clean_ones(
 
     sender = threading.Thread(target=traffic, daemon=True)
     sender.start()
-    rng = np.random.default_rng(0)
-    x = clean[:2000]
-    bad = {
-        "inverted": 255 - x,
-        "rotated": np.rot90(x, axes=(1, 2)).copy(),
-        "noise": rng.integers(0, 256, x.shape, dtype=np.uint8),
-        "blank": np.zeros_like(x),
-    }
-
-    def up() -> bool:
-        try:
-            return bool(_query(port, 'up{job="mnist-server"} == 1'))
-        except OSError:  # not listening yet
-            return False
-
     try:
-        wait(up, "Prometheus scraping the server")
-        wait(lambda: _query(port, "mnist_drift_score"), "a drift score for clean traffic")
-        for _ in range(8):  # clean traffic: a whole window and more, never above threshold
-            (score,) = _query(port, "mnist_drift_score")
-            assert float(score["value"][1]) < DRIFT_THRESHOLD and not firing()  # type: ignore
-            time.sleep(1)
-        times = {}
-        for name, images in bad.items():
-            phase["images"] = images
-            fired = wait(firing, f"the alert for {name} images")
-            phase["images"] = clean
-            cleared = wait(lambda: not firing(), f"the alert clearing after {name}")
-            times[name] = (round(fired, 1), round(cleared, 1))
-        print("seconds to fire and to clear, 6 s window, 1 s scrape and evaluation:", times)
+        with run_prometheus(tmp_path, drift_server, rules) as port:
+
+            def firing() -> bool:
+                query = 'ALERTS{alertname="MnistInputDrift", alertstate="firing"}'
+                return bool(prometheus_query(port, query))
+
+            wait(lambda: prometheus_query(port, "mnist_drift_score"), "a drift score")
+            for _ in range(8):  # clean traffic: a whole window and more, never above threshold
+                (score,) = prometheus_query(port, "mnist_drift_score")
+                assert float(score["value"][1]) < DRIFT_THRESHOLD and not firing()
+                time.sleep(1)
+            times = {}
+            for name, images in _bad_kinds(clean[:2000]).items():
+                phase["images"] = images
+                fired = wait(firing, f"the alert for {name} images")
+                phase["images"] = clean
+                cleared = wait(lambda: not firing(), f"the alert clearing after {name}")
+                times[name] = (round(fired, 1), round(cleared, 1))
+            print("seconds to fire and to clear, 6 s window, 1 s scrape/evaluation:", times)
     finally:
         stop.set()
         sender.join(10)
-        prometheus.terminate()
-        prometheus.wait(30)
-        log.close()
