@@ -131,7 +131,7 @@ async def test_kserve_classification_extension(fake_server: FakeServer) -> None:
     ("model", "version", "message"),
     [
         ("other", "", NOT_SERVED),
-        ("mnist", "2", "version '2' of model 'mnist' is not served; version 1 is"),
+        ("mnist", "2", "version '2' of model 'mnist' is not loaded; loaded: version 1"),
     ],
 )
 async def test_kserve_pinning_what_is_not_served_is_not_found(
