@@ -237,9 +237,21 @@ async def test_tf_serving_predict_metadata_and_status(fake_server: FakeServer) -
     ("spec", "code", "message"),
     [
         ({"name": "other"}, "NOT_FOUND", "Servable not found for request: Latest(other)"),
-        ({"version": 7}, "NOT_FOUND", "Servable not found for request: Specific(mnist, 7)"),
-        ({"version": 0}, "NOT_FOUND", "Servable not found for request: Specific(mnist, 0)"),
-        ({"label": "stable"}, "INVALID_ARGUMENT", "Unrecognized servable version label: stable"),
+        (
+            {"version": 7},
+            "NOT_FOUND",
+            "Servable not found for request: Specific(mnist, 7); loaded: version 1",
+        ),
+        (
+            {"version": 0},
+            "NOT_FOUND",
+            "Servable not found for request: Specific(mnist, 0); loaded: version 1",
+        ),
+        (
+            {"label": "stable"},
+            "INVALID_ARGUMENT",
+            "Unrecognized servable version label: stable; loaded: version 1",
+        ),
     ],
 )
 async def test_tf_serving_pinning_answers_in_tf_serving_words(
