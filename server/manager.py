@@ -134,7 +134,7 @@ class ModelManager:
         self.routes = Routes()  # swapped as one reference (see the module docstring)
         self._monitors: dict[int, VersionMonitor | None] = {}
         self._label_spec: dict[str, int] = {}  # as the labels file says
-        self._labels_stamp: tuple[int, int] | None = None
+        self._labels_text: bytes | None = None  # the file as last read
         self._ignored_labels: dict[str, int] = {}  # logged once each
         self.unloading: dict[int, concurrent.futures.Future[None]] = {}
         self.unloaded: list[int] = []  # versions whose unload finished, in order
@@ -313,28 +313,32 @@ class ModelManager:
                      previous.version)  # fmt: skip
 
     def _read_labels(self) -> bool:
-        """Re-read the labels file when it changed; True when the labels changed."""
+        """Re-read the labels file when it changed; True when the labels changed. The file
+        is small and read whole at each poll: an edit is seen even when it keeps the size
+        and lands within the file system's timestamp granularity."""
         path = self.model_dir / LABELS_FILE
         try:
-            st = path.stat()
-            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None
-        if stamp == self._labels_stamp:
+            text: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            text = None
+        except OSError as err:
+            log.error("%s is not readable, labels unchanged: %s", path, err)
             return False
-        self._labels_stamp = stamp
+        if text == self._labels_text:
+            return False
+        self._labels_text = text
         spec: dict[str, int] = {}
-        if stamp is not None:
+        if text is not None:
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(text)
                 if not isinstance(data, dict):
-                    raise ValueError("not a JSON object")
+                    raise ValueError("not a JSON object of label: version")
                 for name, version in data.items():
                     if not isinstance(version, int) or isinstance(version, bool):
                         raise ValueError(f"label {name!r}: {version!r} is not a version number")
                     spec[str(name)] = version
-            except (OSError, ValueError) as err:
-                log.error("%s is not readable, labels unchanged: %s", path, err)
+            except ValueError as err:
+                log.error("%s is not valid, labels unchanged: %s", path, err)
                 return False
         if spec == self._label_spec:
             return False
