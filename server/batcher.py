@@ -142,9 +142,11 @@ class DynamicBatcher:
         on_failure: Callable[[BaseException], None] | None = None,
         arriving: Callable[[], int] | None = None,
         track_queue: bool = True,
+        answered: Any = None,
     ) -> None:
         """``track_queue``: show this batcher's queue as the ``mnist_queue_images`` gauge
-        (off where a core sums the queues of several batchers itself)."""
+        (off where a core sums the queues of several batchers itself); ``answered``: a
+        counter (a Prometheus child) of the requests it answers, counted once per batch."""
         if max_batch_size < 1 or max_queue_images < 1 or batch_timeout_s < 0:
             raise ValueError("max_batch_size and max_queue_images must be >= 1, timeout >= 0")
         self._model_fn = model_fn
@@ -173,6 +175,7 @@ class DynamicBatcher:
         # what a request gets once the batcher stops (None: UNAVAILABLE, the server stops);
         # a retired model version says NOT_FOUND naming what is loaded instead
         self.refusal: Callable[[], ServiceError] | None = None
+        self._answered = answered
         if track_queue:
             self._metrics.track(self._metrics.queue_images, lambda: self._queued_images)
 
@@ -437,6 +440,8 @@ class DynamicBatcher:
         self._deliver(batch, probs, version, compute_s)
         output_s = time.perf_counter() - started
         self._metrics.stats.observe_batch(len(probs), input_s, compute_s, output_s)
+        if self._answered is not None:  # requests whose last image was in this batch
+            self._answered.inc(sum(s.stop == len(s.request.images) for s in batch))
 
     @staticmethod
     def _deliver(batch: list[_Slice], probs: np.ndarray, version: int, compute_s: float) -> None:

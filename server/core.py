@@ -67,7 +67,7 @@ class InferenceCore:
         the batchers' (see ``server.batcher``)."""
         s = settings
 
-        def make_batcher(model_fn: ModelFn) -> DynamicBatcher:
+        def make_batcher(model_fn: ModelFn, version: int) -> DynamicBatcher:
             return DynamicBatcher(
                 model_fn,
                 max_batch_size=s.max_batch_size,
@@ -77,6 +77,7 @@ class InferenceCore:
                 on_failure=on_failure,
                 arriving=arriving,
                 track_queue=False,  # the core shows the sum of every version's queue
+                answered=metrics.version_requests.labels(str(version)),
             )
 
         manager = ModelManager(

@@ -93,7 +93,7 @@ class Routes:
         return text
 
 
-BatcherFactory = Callable[[ModelFn], DynamicBatcher]
+BatcherFactory = Callable[[ModelFn, int], DynamicBatcher]  # (model call, version)
 
 
 class ModelManager:
@@ -224,7 +224,7 @@ class ModelManager:
         self._monitors[model.version] = monitor
         hist = self._metrics.compute_seconds.labels(model.device)
         if self._make_batcher is not None:
-            model.batcher = self._make_batcher(self._model_fn(model, hist, monitor))
+            model.batcher = self._make_batcher(self._model_fn(model, hist, monitor), model.version)
             if self._loop is not None:
                 model.batcher.start(self._loop)
         previous = self.routes.default

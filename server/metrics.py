@@ -173,6 +173,11 @@ class ServerMetrics:
             "Estimated memory a loaded version holds (the size of the model file it loaded).",
             ["version"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.version_requests = Counter(
+            "mnist_version_requests_total",
+            "Requests answered by each model version (any protocol; counted per model call).",
+            ["version"], registry=r,
+        )  # fmt: skip
         self.model_loads = Counter(
             "mnist_model_loads_total",
             "Model version loads, by result (ok, failed).",
