@@ -132,7 +132,6 @@ class ModelManager:
         self._make_batcher = make_batcher
         self._loop: asyncio.AbstractEventLoop | None = None  # where batchers deliver
         self.routes = Routes()  # swapped as one reference (see the module docstring)
-        self._monitors: dict[int, VersionMonitor | None] = {}
         self._label_spec: dict[str, int] = {}  # as the labels file says
         self._labels_text: bytes | None = None  # the file as last read
         self._ignored_labels: dict[str, int] = {}  # logged once each
@@ -221,7 +220,6 @@ class ModelManager:
         monitor = None
         if self.monitoring is not None:
             monitor = self.monitoring.start(model.version, model.profile)
-        self._monitors[model.version] = monitor
         hist = self._metrics.compute_seconds.labels(model.device)
         if self._make_batcher is not None:
             model.batcher = self._make_batcher(self._model_fn(model, hist, monitor), model.version)
@@ -232,11 +230,8 @@ class ModelManager:
         self._failures.pop(model.version, None)
         self._incomplete.pop(model.version, None)
         self._metrics.model_loads.labels("ok").inc()
-        if previous is not None:
-            log.info(
-                "version %d loaded beside %s; %d is the default",
-                model.version, self.routes.loaded(), self.routes.default.version,  # type: ignore[union-attr]
-            )  # fmt: skip
+        if previous is not None:  # (the first version's load is logged by the loader)
+            log.info("version %d checked and reachable; %s", model.version, self.routes.loaded())
 
     def _model_fn(self, model: LoadedModel, hist: Any, monitor: VersionMonitor | None) -> ModelFn:
         """The batcher's model call for one version: probabilities, timed and monitored."""
