@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server import rpc
 from server.allocator import return_freed_memory
+from server.batcher import DynamicBatcher
 from server.calls import CallTracker
 from server.core import InferenceCore
 from server.health import Health
@@ -179,11 +180,10 @@ class ModelServer:
             on_failure=self._batcher_failed,
             # calls taken in that have not reached the batcher yet (a stream is not one: its
             # images come on their own schedule)
-            arriving=lambda: self.calls.unary - self.batcher.unresolved,
+            arriving=lambda: self.calls.unary - self.core.unresolved,
             loader=loader,
         )
         self.manager = self.core.manager
-        self.batcher = self.core.batcher
         context = ProtocolContext(
             self.core, s, lambda: self.health.serving, self.metrics.stats, _package_version()
         )
@@ -200,7 +200,7 @@ class ModelServer:
             ]
             self.tracing = Tracing(tracer_provider or otlp_provider(), streams)
         # a call that ends without reaching the batcher may be what a filling batch waits for
-        self.calls.on_finish = self.batcher.poke
+        self.calls.on_finish = self.core.poke
         self.draining = False
         # at SIGTERM: how many calls the server must have taken off gRPC's queue to have
         # taken every call received by then
@@ -210,7 +210,7 @@ class ModelServer:
             self.service_names(),
             self.metrics,
             [self._serves_itself],
-            alive=lambda: self.batcher.alive,
+            alive=lambda: self.core.alive,
             on_call=self.calls.arrive,
             on_return=self.calls.leave,
         )
@@ -223,6 +223,11 @@ class ModelServer:
         self._follow: asyncio.Task[None] | None = None
         self._report: asyncio.Task[None] | None = None
         self._health_update: asyncio.Task[bool] | None = None  # kept: tasks are weakly held
+
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        """The default version's batcher (each loaded version has its own)."""
+        return self.core.batcher
 
     def _serves_itself(self) -> bool:
         return self.core.ready(STUCK_MODEL_SECONDS) and not self.draining
@@ -337,7 +342,7 @@ class ModelServer:
                 tls_key=s.metrics_tls_key,
             )
             self.metrics_port = self._metrics_http.port
-        self.batcher.start()
+        self.core.start()
         await self._grpc.start()
         if self._metrics_http is not None:
             self._metrics_http.start()
@@ -466,10 +471,10 @@ class ModelServer:
             log.warning("grace period over with %d calls in flight", self.calls.active)
         try:
             await asyncio.wait_for(
-                asyncio.shield(self.batcher.stop()), max(0.0, deadline - loop.time())
+                asyncio.shield(self.core.stop()), max(0.0, deadline - loop.time())
             )
         except TimeoutError:
-            log.warning("grace period over with %d images queued", self.batcher.queued_images)
+            log.warning("grace period over with %d images queued", self.core.queued_images)
         await asyncio.sleep(QUIET_SECONDS)
         # gRPC's stop cancels the calls still queued inside it (the caller sees CANCELLED, not
         # the retryable UNAVAILABLE): let the last late ones reach a handler first

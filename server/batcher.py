@@ -107,6 +107,7 @@ class Pending:
     dispatched_at: float = 0.0
     compute_s: float = 0.0  # summed over its batches, on the event loop
     batch_size: int = 0
+    owner: DynamicBatcher | None = None  # the batcher that queued it (abandon goes there)
 
     def answer(self) -> Answer:
         """Its answer, once the future is done."""
@@ -140,7 +141,12 @@ class DynamicBatcher:
         metrics: ServerMetrics | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         arriving: Callable[[], int] | None = None,
+        track_queue: bool = True,
+        answered: Any = None,
     ) -> None:
+        """``track_queue``: show this batcher's queue as the ``mnist_queue_images`` gauge
+        (off where a core sums the queues of several batchers itself); ``answered``: a
+        counter (a Prometheus child) of the requests it answers, counted once per batch."""
         if max_batch_size < 1 or max_queue_images < 1 or batch_timeout_s < 0:
             raise ValueError("max_batch_size and max_queue_images must be >= 1, timeout >= 0")
         self._model_fn = model_fn
@@ -166,12 +172,22 @@ class DynamicBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None
-        self._metrics.track(self._metrics.queue_images, lambda: self._queued_images)
+        # what a request gets once the batcher stops (None: UNAVAILABLE, the server stops);
+        # a retired model version says NOT_FOUND naming what is loaded instead
+        self.refusal: Callable[[], ServiceError] | None = None
+        self._answered = answered
+        if track_queue:
+            self._metrics.track(self._metrics.queue_images, lambda: self._queued_images)
 
     @property
     def queued_images(self) -> int:
         """Images accepted but not yet handed to the model."""
         return self._queued_images
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` has run (its thread serves)."""
+        return self._thread is not None
 
     @property
     def alive(self) -> bool:
@@ -184,10 +200,11 @@ class DynamicBatcher:
         since = self._computing_since
         return since is not None and time.monotonic() - since > limit_s
 
-    def start(self) -> None:
-        """Start the batcher's thread; results are delivered on the running event loop."""
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the batcher's thread; results are delivered on ``loop`` (default: the
+        running event loop; a version loaded in a worker thread names the server's)."""
         if self._thread is None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = loop if loop is not None else asyncio.get_running_loop()
             self._finished = self._loop.create_future()
             self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
             self._thread.start()
@@ -211,8 +228,10 @@ class DynamicBatcher:
         loop = self._loop
         if loop is None:
             raise Unavailable("batcher not started")
-        request = Pending(images, deadline, time.monotonic(), loop.create_future())
+        request = Pending(images, deadline, time.monotonic(), loop.create_future(), owner=self)
         with self._lock:  # checked under the lock: the thread ends once stopping and empty
+            if self._stopping and self._failed is None and self.refusal is not None:
+                raise self.refusal()
             if self._stopping or self._failed is not None:
                 raise Unavailable(
                     "server is shutting down" if self._stopping else "server is failing"
@@ -421,6 +440,8 @@ class DynamicBatcher:
         self._deliver(batch, probs, version, compute_s)
         output_s = time.perf_counter() - started
         self._metrics.stats.observe_batch(len(probs), input_s, compute_s, output_s)
+        if self._answered is not None:  # requests whose last image was in this batch
+            self._answered.inc(sum(s.stop == len(s.request.images) for s in batch))
 
     @staticmethod
     def _deliver(batch: list[_Slice], probs: np.ndarray, version: int, compute_s: float) -> None:

@@ -1,40 +1,56 @@
-"""Which model version is served, the swap to a newer one, and following the model folder.
+"""Which model versions serve, loading new ones beside them, unloading, labels, following
+the model folder.
 
-The manager owns the current :class:`~server.versions.LoadedModel`. ``predict`` reads it once
-per batch, so swapping is one reference assignment: the batch already running finishes on the
-old version and the next batch uses the new one. New versions are loaded, warmed up and
-checked beside the current one (in a worker thread) before the swap; a version that fails is
-recorded and skipped until its files change, and the current version keeps serving. A version
-still being written (:class:`~server.versions.VersionIncomplete`) is no failure: it is
-looked at again whenever its files change.
+A version policy (:class:`~server.versions.VersionPolicy`: latest N, all, specific) decides
+which versions are loaded. Each loaded version has its own batcher (batches never mix
+versions). What serves is one immutable :class:`Routes` snapshot (the loaded versions, the
+labels, the default), swapped as one reference: a call resolves against one snapshot at its
+admission, and the version it resolved computes its answer whatever changes afterwards.
+
+A new version is loaded, warmed up and checked (in a worker thread) beside the others, and
+only then published; a version that fails is recorded and skipped until its files change,
+and the loaded ones keep serving. A version still being written
+(:class:`~server.versions.VersionIncomplete`) is no failure: it is looked at again whenever
+its files change. A version that leaves the policy is first made unreachable, then its
+batcher stops (which finishes every call already admitted for it), and only then is it
+unloaded. Labels (``MODEL_DIR/labels.json``: ``{"stable": 2, "canary": 3}``) are re-read
+whenever the file changes; a label pointing at a version that is not loaded is logged and
+ignored. Unpinned calls go to the default: the ``stable`` label if set, else the newest
+loaded version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from server.errors import Unavailable
+from server.batcher import DynamicBatcher, ModelFn
+from server.errors import NotFound, Unavailable
 from server.metrics import ServerMetrics
 from server.monitoring import ModelMonitoring, VersionMonitor
 from server.versions import (
     LoadedModel,
     ModelLoadError,
     VersionIncomplete,
+    VersionPolicy,
     list_versions,
     load_version,
 )
 
 log = logging.getLogger(__name__)
 WAITING_LOG_SECONDS = 30.0  # while no version serves, the reason is logged this often
+LABELS_FILE = "labels.json"  # MODEL_DIR/labels.json: {"stable": 2, "canary": 3}
+DEFAULT_LABEL = "stable"  # unpinned calls go to this label's version when it is set
 
 
 class VersionLoader(Protocol):
@@ -52,8 +68,36 @@ class LoadFailure:
     stamp: tuple[int, ...]  # the version's files when it failed; a change retries it
 
 
+@dataclass(frozen=True)
+class Routes:
+    """What serves, as one snapshot (never changed: a change publishes a new one)."""
+
+    versions: Mapping[int, LoadedModel] = field(default_factory=dict)  # loaded, by version
+    labels: Mapping[str, LoadedModel] = field(default_factory=dict)  # those that point at one
+    default: LoadedModel | None = None  # the stable label's version, else the newest
+
+    def loaded(self) -> str:
+        """What is loaded, for a message: "loaded: versions 2, 3" (and the labels)."""
+        if not self.versions:
+            return "no version is loaded"
+        names = ", ".join(map(str, sorted(self.versions)))
+        text = f"loaded: version{'s' if len(self.versions) > 1 else ''} {names}"
+        if self.labels:
+            text += (
+                " (labels: "
+                + ", ".join(
+                    f"{name}={model.version}" for name, model in sorted(self.labels.items())
+                )
+                + ")"
+            )
+        return text
+
+
+BatcherFactory = Callable[[ModelFn, int], DynamicBatcher]  # (model call, version)
+
+
 class ModelManager:
-    """Holds the served model; loads the wanted version and follows new ones unless pinned."""
+    """Holds the loaded versions and their labels; loads and unloads as the policy says."""
 
     def __init__(
         self,
@@ -61,23 +105,38 @@ class ModelManager:
         metrics: ServerMetrics,
         *,
         pinned_version: int | None = None,
+        policy: VersionPolicy | None = None,
+        model_name: str = "mnist",
         runtime: str = "auto",
         threads: int = 0,
         max_batch: int = 256,
         monitoring: ModelMonitoring | None = None,
         loader: VersionLoader = load_version,
+        make_batcher: BatcherFactory | None = None,
     ) -> None:
+        """``pinned_version`` (``--model-version``) is the policy ``specific:V``;
+        ``make_batcher`` gives each loaded version its batcher (None: none, the caller
+        calls the models itself)."""
         self.model_dir = model_dir
         self.monitoring = monitoring
         self._load = loader  # load_version; a test's fake runtime comes in here
         self.pinned_version = pinned_version
+        if pinned_version is not None:
+            policy = VersionPolicy(latest=None, specific=(pinned_version,))
+        self.policy = policy if policy is not None else VersionPolicy()
+        self.model_name = model_name
         self.runtime = runtime
         self.threads = threads
         self.max_batch = max_batch
         self._metrics = metrics
-        # the served model with its compute-time histogram and its monitor: one reference,
-        # swapped atomically
-        self._serving: tuple[LoadedModel, Any, VersionMonitor | None] | None = None
+        self._make_batcher = make_batcher
+        self._loop: asyncio.AbstractEventLoop | None = None  # where batchers deliver
+        self.routes = Routes()  # swapped as one reference (see the module docstring)
+        self._label_spec: dict[str, int] = {}  # as the labels file says
+        self._labels_text: bytes | None = None  # the file as last read
+        self._ignored_labels: dict[str, int] = {}  # logged once each
+        self.unloading: dict[int, concurrent.futures.Future[None]] = {}
+        self.unloaded: list[int] = []  # versions whose unload finished, in order
         self._failures: dict[int, LoadFailure] = {}
         self._incomplete: dict[int, tuple[int, ...]] = {}  # version -> its stamp then
         self.last_failure: LoadFailure | None = None
@@ -86,72 +145,201 @@ class ModelManager:
 
     @property
     def current(self) -> LoadedModel | None:
-        """The version being served, or None before the first successful load."""
-        serving = self._serving
-        return serving[0] if serving else None
+        """The default version (what unpinned calls get), or None before the first load."""
+        return self.routes.default
 
     def serving_model(self) -> LoadedModel:
-        """The version being served; UNAVAILABLE (retry elsewhere) while none is loaded yet."""
-        model = self.current
+        """The default version; UNAVAILABLE (retry elsewhere) while none is loaded yet."""
+        model = self.routes.default
         if model is None:
             raise Unavailable(f"no model version is loaded yet: {self.waiting_for() or 'loading'}")
         return model
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, int]:
-        """Probabilities from the current version, and that version. Called once per batch."""
-        serving = self._serving
-        if serving is None:
-            raise Unavailable("no model version is loaded")
-        model, compute_seconds, monitor = serving
-        started = time.perf_counter()
-        probs = model.predict(images)
-        self._metrics.observe_compute(compute_seconds, time.perf_counter() - started, len(images))
-        if monitor is not None:
-            monitor.observe(images, probs)
-        return probs, model.version
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Batchers deliver on ``loop`` from now on: start those of the loaded versions."""
+        self._loop = loop
+        for model in self.routes.versions.values():
+            if model.batcher is not None:
+                model.batcher.start(loop)
 
     def refresh(self) -> bool:
-        """Load and swap to the wanted version if it is newer than the served one. Blocking.
+        """Load the versions the policy wants that are not loaded, publish each once it is
+        checked, then unload those it no longer wants, and re-read the labels. Blocking.
 
-        Tries the highest candidate first and falls back to lower ones that have not failed
-        (at start-up, a broken newest version must not keep an older good one from serving).
-        Returns True when a new version now serves. Never raises for a bad version: the
+        Tries the highest wanted version first and falls back to lower ones that have not
+        failed (at start-up, a broken newest version must not keep an older good one from
+        serving). Returns True when what serves changed. Never raises for a bad version: the
         failure is logged, counted and kept in ``last_failure``.
         """
         with self._load_lock:
+            changed = self._read_labels()
             while True:
-                wanted = self._wanted_version()
-                previous = self.current
-                current = previous.version if previous else None
-                if wanted is None or wanted == current:
-                    return False
-                if self.pinned_version is None and current is not None and wanted < current:
-                    return False
+                wanted = self.policy.choose(self._candidates())
+                missing = [v for v in wanted if v not in self.routes.versions]
+                if not missing:
+                    break
+                version = missing[-1]
                 try:
                     model = self._load(
-                        self.model_dir, wanted, self.runtime, self.threads, self.max_batch
+                        self.model_dir, version, self.runtime, self.threads, self.max_batch
                     )
                 except VersionIncomplete as err:
-                    self._record_incomplete(wanted, str(err))
+                    self._record_incomplete(version, str(err))
                     continue  # looked at again once its files change
                 except ModelLoadError as err:
-                    self._record_failure(wanted, str(err))
+                    self._record_failure(version, str(err))
                     continue  # the failure is remembered: the next pass tries another
-                monitor = None
-                if self.monitoring is not None:
-                    monitor = self.monitoring.start(model.version, model.profile)
-                # the swap: one reference, read once per batch
-                hist = self._metrics.compute_seconds.labels(model.device)
-                self._serving = (model, hist, monitor)
-                if self.monitoring is not None and previous is not None:
-                    self.monitoring.stop(previous.version)
-                self._failures.pop(wanted, None)
-                self._incomplete.pop(wanted, None)
-                self._metrics.model_loads.labels("ok").inc()
-                self._metrics.set_model(model, previous)
-                if current is not None:
-                    log.info("now serving version %d (was %d)", model.version, current)
-                return True
+                self._serve(model)
+                changed = True
+            for version in sorted(set(self.routes.versions) - set(wanted)):
+                self._unload(version)  # only once every wanted version is checked
+                changed = True
+            if changed:
+                self._publish(dict(self.routes.versions))
+            return changed
+
+    def _candidates(self) -> list[int]:
+        """Versions that could serve, ascending: the loaded ones and those on disk that have
+        not failed (or are incomplete) as their files are now."""
+        loaded = self.routes.versions
+        found = set(loaded)
+        for version in list_versions(self.model_dir):
+            if version in found:
+                continue
+            failure = self._failures.get(version)
+            stamp = self._stamp(version)
+            passed_over = (failure is not None and failure.stamp == stamp) or (
+                self._incomplete.get(version) == stamp
+            )
+            if not passed_over:
+                found.add(version)
+        return sorted(found)
+
+    def _serve(self, model: LoadedModel) -> None:
+        """A checked version: its monitor and batcher, then reachable."""
+        monitor = None
+        if self.monitoring is not None:
+            monitor = self.monitoring.start(model.version, model.profile)
+        hist = self._metrics.compute_seconds.labels(model.device)
+        if self._make_batcher is not None:
+            model.batcher = self._make_batcher(self._model_fn(model, hist, monitor), model.version)
+            if self._loop is not None:
+                model.batcher.start(self._loop)
+        previous = self.routes.default
+        self._publish({**self.routes.versions, model.version: model})
+        self._failures.pop(model.version, None)
+        self._incomplete.pop(model.version, None)
+        self._metrics.model_loads.labels("ok").inc()
+        if previous is not None:  # (the first version's load is logged by the loader)
+            log.info("version %d checked and reachable; %s", model.version, self.routes.loaded())
+
+    def _model_fn(self, model: LoadedModel, hist: Any, monitor: VersionMonitor | None) -> ModelFn:
+        """The batcher's model call for one version: probabilities, timed and monitored."""
+        predict, version = model.predict, model.version
+        observe_compute = self._metrics.observe_compute
+
+        def run(images: np.ndarray) -> tuple[np.ndarray, int]:
+            started = time.perf_counter()
+            probs = predict(images)
+            observe_compute(hist, time.perf_counter() - started, len(images))
+            if monitor is not None:
+                monitor.observe(images, probs)
+            return probs, version
+
+        return run
+
+    def _unload(self, version: int) -> None:
+        """Make ``version`` unreachable, then stop its batcher (its admitted calls finish)
+        and only then let it go."""
+        model = self.routes.versions[version]
+        self._publish({v: m for v, m in self.routes.versions.items() if v != version})
+        log.info("unloading version %d (not in the policy %s)", version, self.policy)
+        batcher = model.batcher
+        if batcher is None or self._loop is None or not batcher.started:
+            self._finish_unload(model)
+            return
+        # a call that resolved this version before it left and reaches the batcher after
+        # it stopped: NOT_FOUND naming what is loaded (as if it had come a moment later)
+        batcher.refusal = lambda: NotFound(self.not_loaded(version))
+        self.unloading[version] = asyncio.run_coroutine_threadsafe(
+            self._retire(model, batcher), self._loop
+        )
+
+    async def _retire(self, model: LoadedModel, batcher: DynamicBatcher) -> None:
+        await batcher.stop()  # refuses new calls, finishes every admitted one
+        self._finish_unload(model)
+
+    def _finish_unload(self, model: LoadedModel) -> None:
+        if self.monitoring is not None and self.routes.versions.get(model.version) is None:
+            self.monitoring.stop(model.version)
+        self._metrics.drop_model(model)
+        self.unloaded.append(model.version)
+        log.info("unloaded version %d; its calls in flight finished", model.version)
+
+    def not_loaded(self, version: int | str) -> str:
+        """NOT_FOUND's message for a version that is not loaded: what is."""
+        return (
+            f"version {version} of model '{self.model_name}' is not loaded; {self.routes.loaded()}"
+        )
+
+    def _publish(self, versions: dict[int, LoadedModel]) -> None:
+        """Swap in the routes for ``versions`` and the labels file (one reference)."""
+        labels: dict[str, LoadedModel] = {}
+        ignored: dict[str, int] = {}
+        for name, version in self._label_spec.items():
+            if version in versions:
+                labels[name] = versions[version]
+            else:
+                ignored[name] = version
+        for name, version in ignored.items():
+            if self._ignored_labels.get(name) != version:
+                log.warning(
+                    "label %r points at version %d, which is not loaded: ignored", name, version
+                )
+        self._ignored_labels = ignored
+        default = labels.get(DEFAULT_LABEL)
+        if default is None and versions:
+            default = versions[max(versions)]
+        previous = self.routes.default
+        self.routes = Routes(versions, labels, default)
+        self._metrics.set_models(list(versions.values()), default)
+        if default is not None and previous is not None and default is not previous:
+            log.info("unpinned calls now go to version %d (was %d)", default.version,
+                     previous.version)  # fmt: skip
+
+    def _read_labels(self) -> bool:
+        """Re-read the labels file when it changed; True when the labels changed. The file
+        is small and read whole at each poll: an edit is seen even when it keeps the size
+        and lands within the file system's timestamp granularity."""
+        path = self.model_dir / LABELS_FILE
+        try:
+            text: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            text = None
+        except OSError as err:
+            log.error("%s is not readable, labels unchanged: %s", path, err)
+            return False
+        if text == self._labels_text:
+            return False
+        self._labels_text = text
+        spec: dict[str, int] = {}
+        if text is not None:
+            try:
+                data = json.loads(text)
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object of label: version")
+                for name, version in data.items():
+                    if not isinstance(version, int) or isinstance(version, bool):
+                        raise ValueError(f"label {name!r}: {version!r} is not a version number")
+                    spec[str(name)] = version
+            except ValueError as err:
+                log.error("%s is not valid, labels unchanged: %s", path, err)
+                return False
+        if spec == self._label_spec:
+            return False
+        log.info("labels now %s", spec or "none")
+        self._label_spec = spec
+        return True
 
     def waiting_for(self) -> str | None:
         """While no version serves: why, in one line (what is missing); else None."""
@@ -161,9 +349,11 @@ class ModelManager:
         if not folder.is_dir():
             return f"--model-dir {folder} does not exist (a typo?); no version can load"
         versions = list_versions(folder)
+        there = ", ".join(map(str, versions)) or "none"
         if self.pinned_version is not None and self.pinned_version not in versions:
-            there = ", ".join(map(str, versions)) or "none"
             return f"--model-version {self.pinned_version} is not in {folder} (versions: {there})"
+        if self.policy.specific and not set(self.policy.specific) & set(versions):
+            return f"--version-policy {self.policy}: none is in {folder} (versions: {there})"
         if self.last_failure is not None:
             return f"no version loaded; last failure: {self.last_failure.reason}"
         if self._incomplete:
@@ -182,10 +372,11 @@ class ModelManager:
             self._next_waiting_log = now + WAITING_LOG_SECONDS
 
     async def watch(self, poll_seconds: float, on_swap: Callable[[], Awaitable[object]]) -> None:
-        """Check the folder every ``poll_seconds`` for a newer version; await ``on_swap`` after
-        each swap. Runs until cancelled; a pinned version that is serving is never left."""
+        """Check the folder every ``poll_seconds`` for versions and labels; await ``on_swap``
+        after each change. Runs until cancelled (a pinned version is never left, but its
+        labels may still change)."""
         loop = asyncio.get_running_loop()
-        while self.pinned_version is None or self._serving is None:
+        while True:
             self.warn_if_waiting()
             await asyncio.sleep(poll_seconds)
             try:
@@ -195,25 +386,6 @@ class ModelManager:
                 continue
             if swapped:
                 await on_swap()
-
-    def _wanted_version(self) -> int | None:
-        versions = list_versions(self.model_dir)
-        if self.pinned_version is not None:
-            candidates = [v for v in versions if v == self.pinned_version]
-        else:
-            candidates = versions
-        for version in reversed(candidates):
-            failure = self._failures.get(version)
-            stamp = self._stamp(version)
-            passed_over = (failure is not None and failure.stamp == stamp) or (
-                self._incomplete.get(version) == stamp
-            )
-            if not passed_over:
-                return version
-            current = self.current
-            if current is not None and version <= current.version:
-                break
-        return None
 
     def _stamp(self, version: int) -> tuple[int, ...]:
         """What changes when any file of the version is added, removed, grown or rewritten."""
@@ -228,7 +400,7 @@ class ModelManager:
         stamp = self._stamp(version)
         if version not in self._incomplete:
             log.info("%s; waiting for it (still serving %s)", reason,
-                     self.current.version if self.current else "nothing")  # fmt: skip
+                     self.routes.loaded())  # fmt: skip
         self._incomplete[version] = stamp
 
     def _record_failure(self, version: int, reason: str) -> None:

@@ -164,8 +164,19 @@ class ServerMetrics:
             multiprocess_mode="livemax",
         )
         self.model_version = Gauge(
-            "mnist_model_version", "The model version being served.",
+            "mnist_model_version",
+            "The default model version (what calls that pin no version or label get).",
             registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.model_memory = Gauge(
+            "mnist_model_memory_bytes",
+            "Estimated memory a loaded version holds (the size of the model file it loaded).",
+            ["version"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.version_requests = Counter(
+            "mnist_version_requests_total",
+            "Requests answered by each model version (any protocol; counted per model call).",
+            ["version"], registry=r,
         )  # fmt: skip
         self.model_loads = Counter(
             "mnist_model_loads_total",
@@ -222,15 +233,23 @@ class ServerMetrics:
         for gauge, read in self._live:
             gauge.set(read())
 
-    def set_model(self, model: LoadedModel, previous: LoadedModel | None) -> None:
-        """Record which version is served, after a load or a swap."""
-        if previous is not None:
-            old = _model_labels(previous)
-            self.model.labels(*old).set(0)  # what a worker's file keeps in multiprocess mode
-            if not self.multiprocess:
-                self.model.remove(*old)
-        self.model.labels(*_model_labels(model)).set(1)
-        self.model_version.set(model.version)
+    def set_models(self, loaded: list[LoadedModel], default: LoadedModel | None) -> None:
+        """Record which versions are loaded (1 each in ``mnist_model_info``) and the default,
+        after a load, an unload or a relabel."""
+        for model in loaded:
+            self.model.labels(*_model_labels(model)).set(1)
+            self.model_memory.labels(str(model.version)).set(model.memory_bytes)
+        if default is not None:
+            self.model_version.set(default.version)
+
+    def drop_model(self, model: LoadedModel) -> None:
+        """A version is unloaded: its series go (0 in a worker's file in multiprocess mode)."""
+        labels = _model_labels(model)
+        self.model.labels(*labels).set(0)
+        self.model_memory.labels(str(model.version)).set(0)
+        if not self.multiprocess:
+            self.model.remove(*labels)
+            self.model_memory.remove(str(model.version))
 
 
 def _model_labels(model: LoadedModel) -> tuple[str, str, str, str]:

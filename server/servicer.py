@@ -2,8 +2,8 @@
 
 Each method only converts (bytes to a uint8 array with :mod:`server.wire`, the core's answer
 back to bytes) and delegates to :class:`~server.core.InferenceCore`; admission, auth, status
-mapping and metrics live in :mod:`server.rpc`. mnist.v1 requests name no model or version
-yet: they go to the default.
+mapping and metrics live in :mod:`server.rpc`. A request's optional ``model_spec`` (model
+name, version, label) pins it; without one it goes to the default version.
 """
 
 from __future__ import annotations
@@ -53,27 +53,30 @@ class DigitClassifier:
 
     async def predict(self, raw: bytes, call: Call) -> bytes:
         call.images = 1  # a Predict carries one image, even one that turns out to be wrong
-        images = wire.parse_predict(raw)
-        answer = call.answer = await self._core.infer(images, call.deadline)
+        images, pin = wire.parse_predict_pinned(raw)
+        loaded = self._core.resolve(*pin) if pin else self._core.resolve()
+        answer = call.answer = await self._core.submit(images, loaded, call.deadline)
         return wire.encode_predict(answer.probabilities[0], int(answer.versions[0]))
 
     async def batch_predict(self, raw: bytes, call: Call) -> bytes:
-        images = wire.parse_batch_predict(raw, self._settings.max_images_per_request)
+        images, pin = wire.parse_batch_predict_pinned(raw, self._settings.max_images_per_request)
         call.images = len(images)
-        answer = call.answer = await self._core.infer(images, call.deadline)
+        loaded = self._core.resolve(*pin) if pin else self._core.resolve()
+        answer = call.answer = await self._core.submit(images, loaded, call.deadline)
         return wire.encode_batch_predict(answer.probabilities, answer.versions)
 
     # PredictStream: the codec that server.streams.StreamMethod reads and answers with
 
     def read(self, raw: bytes) -> tuple[int, np.ndarray, LoadedModel]:
-        """A PredictStreamRequest's id, its image and the version for it; a wrong image (or
-        no version to serve it) is that id's own error."""
+        """A PredictStreamRequest's id, its image and the version for it (its own
+        ``model_spec``, else the default, resolved as it is read); a wrong image (or no
+        version to serve it) is that id's own error."""
         try:
-            request_id, image = wire.parse_stream_request(raw)
+            request_id, image, pin = wire.parse_stream_pinned(raw)
         except wire.StreamImageError as err:
             raise ItemError(err.request_id, err) from None
         try:
-            return request_id, image, self._core.resolve()
+            return request_id, image, self._core.resolve(*pin) if pin else self._core.resolve()
         except ServiceError as err:
             raise ItemError(request_id, err) from None
 
@@ -91,8 +94,9 @@ class DigitClassifier:
         return wire.encode_stream_error(key, error.code.value[0], error.message)
 
     async def get_model_info(self, raw: bytes, call: Call) -> bytes:
-        wire.parse_empty(raw)
-        model = self._core.resolve()
+        pin = wire.parse_model_info(raw)
+        model = self._core.resolve(*pin) if pin else self._core.resolve()
+        routes = self._core.manager.routes
         s = self._settings
         failure = self._core.manager.last_failure
         return pb.GetModelInfoResponse(
@@ -103,6 +107,9 @@ class DigitClassifier:
             output=pb.TensorSpec(name=OUTPUT_NAME, dtype=OUTPUT_DTYPE, shape=OUTPUT_SHAPE),
             device=model.device,
             runtime=model.runtime_name,
+            memory_bytes=model.memory_bytes,
+            loaded_versions=sorted(routes.versions),
+            labels={name: m.version for name, m in routes.labels.items()},
             batching=pb.BatchingConfig(
                 max_batch_size=s.max_batch_size,
                 batch_timeout_ms=s.batch_timeout_ms,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from server.runtimes import RUNTIMES
+from server.versions import VersionPolicy
 
 ENV_PREFIX = "MNIST_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -78,7 +79,18 @@ class Settings:
     )
     model_version: int | None = field(
         default=None,
-        metadata=_help("serve exactly this version and do not follow new ones (default: highest)"),
+        metadata=_help(
+            "serve exactly this version and do not follow new ones (the same as --version-policy"
+            " specific:V)"
+        ),
+    )
+    version_policy: str = field(
+        default="latest:1",
+        metadata=_help(
+            "which versions are loaded at once, each with its own batcher: latest:N (the N "
+            "newest), all, or specific:V1,V2; unpinned calls get the 'stable' label's version "
+            "(MODEL_DIR/labels.json), else the newest loaded"
+        ),
     )
     model_name: str = field(
         default="mnist",
@@ -274,6 +286,12 @@ class Settings:
             problems.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+        try:
+            VersionPolicy.parse(self.version_policy)
+        except ValueError as err:
+            problems.append(f"--version-policy: {err}")
+        if self.model_version is not None and self.version_policy != "latest:1":
+            problems.append("--model-version and --version-policy: give one of them")
         if self.poll_seconds <= 0 or self.grace_seconds < 0 or self.pre_stop_seconds < 0:
             problems.append("--poll-seconds must be > 0, --grace/--pre-stop-seconds >= 0")
         if problems:

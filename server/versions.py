@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,10 +39,58 @@ from server.verify import (
     check_same_answers,
 )
 
+if TYPE_CHECKING:
+    from server.batcher import DynamicBatcher
+
 log = logging.getLogger(__name__)
 
 EXPORTS_KEY = "exports"  # metadata: {file name: {"sha256": ..., "max_abs_diff": ...}}
 FILES_KEY = "files"  # metadata: {relative path: {"sha256": ..., "bytes": ...}}, every file
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model are loaded, as TF Serving and Triton say it: the newest
+    ``latest`` ones (``latest:N``), ``all``, or ``specific`` versions."""
+
+    latest: int | None = 1  # None: not a latest-N policy
+    specific: tuple[int, ...] = ()  # the versions of a specific policy
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """``latest:N``, ``all`` or ``specific:V1,V2,...``.
+
+        Raises:
+            ValueError: anything else (the message shows the forms).
+        """
+        kind, _, rest = text.strip().partition(":")
+        try:
+            if kind == "latest" and int(rest or "1") >= 1:
+                return cls(latest=int(rest or "1"))
+            if kind == "all" and not rest:
+                return cls(latest=None)
+            if kind == "specific":
+                versions = tuple(sorted({int(v) for v in rest.split(",")}))
+                if versions and min(versions) >= 0:
+                    return cls(latest=None, specific=versions)
+        except ValueError:
+            pass
+        raise ValueError(
+            f"version policy {text!r} is not latest:N (N >= 1), all or specific:V1,V2,..."
+        )
+
+    def choose(self, candidates: list[int]) -> list[int]:
+        """The versions to load of ``candidates`` (ascending: the loadable ones), ascending."""
+        if self.specific:
+            return [v for v in candidates if v in self.specific]
+        if self.latest is None:
+            return list(candidates)
+        return candidates[-self.latest :]
+
+    def __str__(self) -> str:
+        if self.specific:
+            return "specific:" + ",".join(map(str, self.specific))
+        return "all" if self.latest is None else f"latest:{self.latest}"
 
 
 class ModelLoadError(Exception):
@@ -141,6 +189,8 @@ class LoadedModel:
     metadata: dict[str, Any]
     load_seconds: float = 0.0
     profile: Profile | None = None  # the reference for model monitoring, when it has one
+    # the batcher of this version alone (batches never mix versions), set once it serves
+    batcher: DynamicBatcher | None = field(default=None, repr=False, compare=False)
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -160,6 +210,15 @@ class LoadedModel:
     @property
     def runtime_name(self) -> str:
         return self.runtime.name
+
+    @property
+    def memory_bytes(self) -> int:
+        """An estimate of the memory the version holds: the size of the model file its
+        runtime loaded (weights dominate; the runtime's own buffers are not counted)."""
+        try:
+            return (self.path / self.runtime.source).stat().st_size
+        except (OSError, TypeError):
+            return 0
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, 10]`` for uint8 images ``[N, 28, 28]``. Blocking."""

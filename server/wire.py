@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -143,10 +144,53 @@ class Fields:
         return end
 
 
-PREDICT_REQUEST = Fields("PredictRequest", {1: ("image", _LEN)})
-BATCH_PREDICT_REQUEST = Fields("BatchPredictRequest", {1: ("images", _LEN)})
-EMPTY_REQUEST = Fields("GetModelInfoRequest", {})
-STREAM_REQUEST = Fields("PredictStreamRequest", {1: ("id", _VARINT), 2: ("image", _LEN)})
+PREDICT_REQUEST = Fields("PredictRequest", {1: ("image", _LEN), 2: ("model_spec", _LEN)})
+BATCH_PREDICT_REQUEST = Fields(
+    "BatchPredictRequest", {1: ("images", _LEN), 2: ("model_spec", _LEN)}
+)
+MODEL_INFO_REQUEST = Fields("GetModelInfoRequest", {1: ("model_spec", _LEN)})
+STREAM_REQUEST = Fields(
+    "PredictStreamRequest", {1: ("id", _VARINT), 2: ("image", _LEN), 3: ("model_spec", _LEN)}
+)
+MODEL_SPEC = Fields("ModelSpec", {1: ("name", _LEN), 2: ("version", _VARINT), 3: ("label", _LEN)})
+_MODEL_SPEC_FIELD = 2  # in PredictRequest and BatchPredictRequest
+
+
+class Pin(NamedTuple):
+    """A request's ModelSpec: which model, version or label answers it (None: not set)."""
+
+    model: str | None
+    version: int | None
+    label: str | None
+
+
+def parse_model_spec(data: bytes) -> Pin | None:
+    """A ModelSpec message's pin; None when it sets nothing (the default answers)."""
+    name = label = None
+    version: int | None = None
+    seen: set[int] = set()
+
+    def on_field(number: int, value: int, start: int, end: int) -> None:
+        nonlocal name, version, label
+        _once(seen, number, MODEL_SPEC)
+        if number == 2:
+            version = value - (1 << 64) if value >= 1 << 63 else value  # int64, two's complement
+            return
+        try:
+            text = data[start:end].decode()
+        except UnicodeDecodeError:
+            raise InvalidArgument(
+                f"ModelSpec.{MODEL_SPEC.fields[number][0]} is not UTF-8"
+            ) from None
+        if number == 1:
+            name = text or None
+        else:
+            label = text or None
+
+    MODEL_SPEC.scan(data, on_field)
+    if name is None and version is None and label is None:
+        return None
+    return Pin(name, version, label)
 
 
 def _image_size_error(size: int, where: str = "image") -> InvalidArgument:
@@ -172,23 +216,39 @@ def _image_at(data: bytes, start: int, end: int) -> np.ndarray:
 
 def parse_predict(data: bytes) -> np.ndarray:
     """A PredictRequest's image as uint8 ``[1, 28, 28]``, read in place (no copy)."""
+    return parse_predict_pinned(data)[0]
+
+
+def parse_predict_pinned(data: bytes) -> tuple[np.ndarray, Pin | None]:
+    """A PredictRequest's image (as :func:`parse_predict`) and its ModelSpec's pin."""
     if len(data) == _IMAGE_ENTRY and data.startswith(_IMAGE_HEADER):  # the common case
-        return np.frombuffer(data, np.uint8, IMAGE_BYTES, 3).reshape(1, *IMAGE_SHAPE)
+        return np.frombuffer(data, np.uint8, IMAGE_BYTES, 3).reshape(1, *IMAGE_SHAPE), None
     found: list[np.ndarray] = []
+    pin: Pin | None = None
     seen: set[int] = set()
 
     def on_field(number: int, value: int, start: int, end: int) -> None:
+        nonlocal pin
         _once(seen, number, PREDICT_REQUEST)
-        found.append(_image_at(data, start, end))
+        if number == _MODEL_SPEC_FIELD:
+            pin = parse_model_spec(data[start:end])
+        else:
+            found.append(_image_at(data, start, end))
 
     PREDICT_REQUEST.scan(data, on_field)
     if not found:
         raise _image_size_error(0)
-    return found[0]
+    return found[0], pin
 
 
 def parse_batch_predict(data: bytes, max_images: int) -> np.ndarray:
-    """A BatchPredictRequest's images as uint8 ``[N, 28, 28]``; errors name the bad index.
+    """A BatchPredictRequest's images as uint8 ``[N, 28, 28]``; errors name the bad index."""
+    return parse_batch_predict_pinned(data, max_images)[0]
+
+
+def parse_batch_predict_pinned(data: bytes, max_images: int) -> tuple[np.ndarray, Pin | None]:
+    """A BatchPredictRequest's images as uint8 ``[N, 28, 28]`` and its ModelSpec's pin;
+    errors name the bad index.
 
     The images are a strided view of ``data`` (no copy). The count is checked before any image
     is looked at, and a malformed entry stops the reading where it is.
@@ -201,15 +261,24 @@ def parse_batch_predict(data: bytes, max_images: int) -> np.ndarray:
         first_bad = int(good.argmin()) if not good.all() else n
         if first_bad == n and not rest:  # the common case: every entry a 784-byte image
             check_count(n, max_images)
-            return rows[:, len(_IMAGE_HEADER) :].reshape(n, *IMAGE_SHAPE)
+            return rows[:, len(_IMAGE_HEADER) :].reshape(n, *IMAGE_SHAPE), None
     # Something is off from entry `first_bad` on (or the body is empty): read on from there
     # one field at a time, to name the first problem exactly.
     count = first_bad
     check_count(count, max_images)
     starts = [i * _IMAGE_ENTRY + len(_IMAGE_HEADER) for i in range(first_bad)]
+    pin: Pin | None = None
+    pinned = False
 
     def on_field(number: int, value: int, start: int, end: int) -> None:
-        nonlocal count
+        nonlocal count, pin, pinned
+        if number == _MODEL_SPEC_FIELD:  # the pin (after the images, as protobuf writes it)
+            if pinned:
+                raise InvalidArgument(
+                    "BatchPredictRequest.model_spec (field 2) appears more than once"
+                )
+            pin, pinned = parse_model_spec(data[start:end]), True
+            return
         if count >= max_images:
             raise InvalidArgument(
                 f"more than {max_images} images in one request, limit {max_images}; "
@@ -223,9 +292,16 @@ def parse_batch_predict(data: bytes, max_images: int) -> np.ndarray:
     BATCH_PREDICT_REQUEST.scan(data, on_field, first_bad * _IMAGE_ENTRY)
     if not starts:
         raise InvalidArgument("BatchPredict needs at least one image")
+    if (
+        pinned
+        and count == len(starts)
+        and starts == [i * _IMAGE_ENTRY + len(_IMAGE_HEADER) for i in range(count)]
+    ):  # the images then the pin, as a client writes them: still a view of ``data``
+        rows = np.frombuffer(data, np.uint8, count * _IMAGE_ENTRY).reshape(count, _IMAGE_ENTRY)
+        return rows[:, len(_IMAGE_HEADER) :].reshape(count, *IMAGE_SHAPE), pin
     # only reached for valid but unusual encodings (e.g. over-long varint lengths)
     pixels = b"".join(data[s : s + IMAGE_BYTES] for s in starts)
-    return np.frombuffer(pixels, np.uint8).reshape(len(starts), *IMAGE_SHAPE)
+    return np.frombuffer(pixels, np.uint8).reshape(len(starts), *IMAGE_SHAPE), pin
 
 
 def check_count(n: int, max_images: int) -> None:
@@ -237,32 +313,56 @@ def check_count(n: int, max_images: int) -> None:
 
 
 def parse_empty(data: bytes) -> None:
-    """Check a message that has no fields (GetModelInfoRequest): any field is unknown."""
-    EMPTY_REQUEST.scan(data, lambda *_: None)
+    """Check a message that has no fields: any field is unknown."""
+    Fields("Empty", {}).scan(data, lambda *_: None)
+
+
+def parse_model_info(data: bytes) -> Pin | None:
+    """A GetModelInfoRequest's pin (None: the default version)."""
+    pin: Pin | None = None
+    seen: set[int] = set()
+
+    def on_field(number: int, value: int, start: int, end: int) -> None:
+        nonlocal pin
+        _once(seen, number, MODEL_INFO_REQUEST)
+        pin = parse_model_spec(data[start:end])
+
+    MODEL_INFO_REQUEST.scan(data, on_field)
+    return pin
 
 
 def parse_stream_request(data: bytes) -> tuple[int, np.ndarray]:
-    """A PredictStreamRequest's ``id`` and image (``[1, 28, 28]``, read in place).
+    """A PredictStreamRequest's ``id`` and image (``[1, 28, 28]``, read in place)."""
+    request_id, image, _ = parse_stream_pinned(data)
+    return request_id, image
+
+
+def parse_stream_pinned(data: bytes) -> tuple[int, np.ndarray, Pin | None]:
+    """A PredictStreamRequest's ``id``, image (``[1, 28, 28]``, read in place) and pin.
 
     A wrong-sized image raises INVALID_ARGUMENT as usual; the caller needs the id first to
     answer that image's own error, so it is available as ``StreamImageError.request_id``.
     """
     request_id = 0
     image_span: tuple[int, int] | None = None
+    spec_span: tuple[int, int] | None = None
     seen: set[int] = set()
 
     def on_field(number: int, value: int, start: int, end: int) -> None:
-        nonlocal request_id, image_span
+        nonlocal request_id, image_span, spec_span
         _once(seen, number, STREAM_REQUEST)
         if number == 1:
             request_id = value
-        else:
+        elif number == 2:
             image_span = (start, end)
+        else:
+            spec_span = (start, end)
 
     STREAM_REQUEST.scan(data, on_field)
     start, end = image_span or (0, 0)
     try:
-        return request_id, _image_at(data, start, end)
+        pin = parse_model_spec(data[spec_span[0] : spec_span[1]]) if spec_span else None
+        return request_id, _image_at(data, start, end), pin
     except InvalidArgument as err:
         raise StreamImageError(request_id, err.message) from None
 

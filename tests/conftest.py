@@ -274,6 +274,9 @@ class Traffic:
         self.keep_calling = keep_calling  # on after UNAVAILABLE, as a client without an LB
         self.client = client  # more arguments for the SDK client
         self.versions: list[int] = []
+        # each worker's answers in its order (a worker's next call is admitted after its last
+        # answer; across workers, answers of two versions' batchers may interleave)
+        self.by_worker: list[list[int]] = [[] for _ in range(concurrency)]
         self.codes: Counter[str] = Counter()
         self.details: Counter[str] = Counter()
         self.sent = 0
@@ -287,6 +290,7 @@ class Traffic:
             try:
                 p = await client.predict(self.images[i % len(self.images)], timeout=10)
                 self.versions.append(p.model_version)
+                self.by_worker[k].append(p.model_version)
                 self.codes["OK"] += 1
             except grpc.aio.AioRpcError as err:
                 self.codes[err.code().name] += 1

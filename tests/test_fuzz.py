@@ -119,7 +119,8 @@ def test_unknown_fields_are_skipped_and_mistyped_ones_invalid(
     code, details = _call(channel, method, bytes(varint) + bodies[wire] + valid)
     CASES["unknown/mistyped fields"] += 1
     assert code in ALLOWED
-    known = {"Predict": {1: 2}, "BatchPredict": {1: 2}, "GetModelInfo": {}}[method]
+    # field 2 of Predict/BatchPredict and field 1 of GetModelInfo: the optional ModelSpec
+    known = {"Predict": {1: 2, 2: 2}, "BatchPredict": {1: 2, 2: 2}, "GetModelInfo": {1: 2}}[method]
     if known.get(field_number) == wire:
         return  # a real field with the right type: judged on its value
     if field_number in known:

@@ -69,9 +69,10 @@ def test_hot_reload_under_traffic_rejects_bad_versions_and_loses_nothing(
             seen = len(traffic.versions)
             assert wait_for(lambda: len(traffic.versions) > seen + 50)
         assert traffic.codes == Counter({"OK": traffic.codes["OK"]}), traffic.codes
-        first_new = traffic.versions.index(3)
-        assert set(traffic.versions[:first_new]) == {1}
-        assert set(traffic.versions[first_new:]) == {3}  # switched once, never back
+        for seen_by_one in traffic.by_worker:  # each caller switched once, never back
+            first_new = seen_by_one.index(3)
+            assert set(seen_by_one[:first_new]) == {1}
+            assert set(seen_by_one[first_new:]) == {3}
         assert srv.metric("mnist_model_version") == 3
         assert srv.metric("mnist_model_loads_total", result="failed") == 1  # v2 tried once
     finally:
@@ -272,5 +273,52 @@ def test_a_server_that_cannot_serve_says_what_is_missing(
         with pytest.raises(urllib.error.HTTPError) as probe:
             urllib.request.urlopen(srv.metrics_url.replace("/metrics", "/readyz"), timeout=5)
         assert probe.value.code == 503 and said in probe.value.read().decode()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_version_policy_labels_and_pinning_on_the_real_server(
+    trained_model_dir: Path, tmp_path: Path, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """--version-policy latest:2 with versions 1-3: 2 and 3 load; pinning, the stable label;
+    a 4th version under traffic: 2 leaves once 4 is verified, no call fails."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    for version in (1, 2, 3):
+        _publish(trained_model_dir / "1", model_dir, version)
+    (model_dir / "labels.json").write_text(json.dumps({"stable": 2}))
+    srv = start_server(model_dir, tmp_path / "server.log", "--version-policy", "latest:2")
+    x = mnist_test[0][:200]
+    try:
+        with DigitClient(srv.target) as client:
+            assert wait_for(lambda: client.model_info().loaded_versions == (2, 3))
+            info = client.model_info()
+            assert (info.model_version, info.labels) == (2, {"stable": 2})  # the stable label
+            assert info.memory_bytes > 0
+            assert client.predict(x[0], version=3).model_version == 3
+            assert client.predict(x[0], label="stable").model_version == 2
+            with pytest.raises(grpc.RpcError) as refused:
+                client.predict(x[0], version=1)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+            assert refused.value.details().endswith(  # type: ignore[attr-defined]
+                "loaded: versions 2, 3 (labels: stable=2)"
+            )
+            with Traffic(srv.target, x) as traffic:
+                assert wait_for(lambda: len(traffic.versions) > 50)
+                _publish(trained_model_dir / "1", model_dir, 4)
+                # 2 leaves the policy; its label is then ignored: the newest is the default
+                assert wait_for(lambda: client.model_info().loaded_versions == (3, 4))
+                assert client.model_info().model_version == 4
+                seen = len(traffic.versions)
+                assert wait_for(lambda: len(traffic.versions) > seen + 50)
+            assert client.predict(x[0], version=3).model_version == 3
+        assert traffic.codes == Counter({"OK": traffic.codes["OK"]}), traffic.codes
+        for seen_by_one in traffic.by_worker:
+            first_new = seen_by_one.index(4)
+            assert set(seen_by_one[:first_new]) == {2} and set(seen_by_one[first_new:]) == {4}
+        assert srv.metric("mnist_model_version") == 4
+        assert srv.metric("mnist_model_memory_bytes", version="4") > 0
+        assert srv.metric_or_none("mnist_model_memory_bytes", version="2") is None  # unloaded
+        assert srv.metric("mnist_version_requests_total", version="2") > 0
     finally:
         assert srv.stop() == 0

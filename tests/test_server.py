@@ -94,8 +94,10 @@ BAD_REQUESTS = [
     ("Predict", b"\x78\x01", INVALID, "image has 0 bytes"),  # unknown field 15 is skipped
     ("Predict", b"\x0a\xff\xff", INVALID, "not a valid mnist.v1.PredictRequest"),
     ("Predict", (b"\x0a\x90\x06" + bytes(784)) * 2, INVALID, "image (field 1) appears more"),
-    ("GetModelInfo", b"\x08\x01" * 65, INVALID, "more than 64 unknown fields"),
-    ("BatchPredict", _batch(784, 784) + b"\x10\x00" * 65, INVALID, "more than 64 unknown"),
+    # (unknown field 5: fields 1 of GetModelInfoRequest and 2 of BatchPredictRequest are the
+    # optional model_spec)
+    ("GetModelInfo", b"\x28\x01" * 65, INVALID, "more than 64 unknown fields"),
+    ("BatchPredict", _batch(784, 784) + b"\x28\x00" * 65, INVALID, "more than 64 unknown"),
     ("BatchPredict", b"\x0a\x00" * 1000, INVALID, "images[0] has 0 bytes"),
     ("BatchPredict", b"\x0a\x05ab", grpc.StatusCode.INVALID_ARGUMENT, "not a valid"),
     ("BatchPredict", bytes(12000 * 790), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),

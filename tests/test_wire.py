@@ -106,13 +106,14 @@ def test_malformed_predict_requests(message: bytes, fields: str) -> None:
 @pytest.mark.parametrize(
     ("parse", "body", "message"),
     [
-        # protobuf would build a million-entry UnknownFieldSet for each of these
-        (wire.parse_predict, b"\x10\x01" * (EIGHT_MIB // 2), "more than 64 unknown fields"),
-        (wire.parse_predict, b"\x15\0\0\0\0" * (EIGHT_MIB // 5), "more than 64 unknown"),
+        # protobuf would build a million-entry UnknownFieldSet for each of these (fields 5
+        # and 6: field 2 is PredictRequest.model_spec)
+        (wire.parse_predict, b"\x28\x01" * (EIGHT_MIB // 2), "more than 64 unknown fields"),
+        (wire.parse_predict, b"\x35\0\0\0\0" * (EIGHT_MIB // 5), "more than 64 unknown"),
         (lambda b: wire.parse_batch_predict(b, 4096), b"\x0a\x00" * (EIGHT_MIB // 2),
          "images[0] has 0 bytes"),
         (lambda b: wire.parse_batch_predict(b, 4096),
-         (b"\x0a\x90\x06" + bytes(784)) * 10 + b"\x10\x01" * (EIGHT_MIB // 2),
+         (b"\x0a\x90\x06" + bytes(784)) * 10 + b"\x28\x01" * (EIGHT_MIB // 2),
          "more than 64 unknown fields in BatchPredictRequest"),
         (lambda b: wire.parse_batch_predict(b, 4096), (b"\x0a\x90\x06" + bytes(784)) * 10_000,
          "10000 images in one request, limit 4096"),
@@ -157,9 +158,9 @@ def test_unknown_fields_are_skipped_as_protobuf_skips_them() -> None:
     stream = NEWER_FIELDS + pb.PredictStreamRequest(id=7, image=image).SerializeToString()
     request_id, got = wire.parse_stream_request(stream)
     assert (request_id, got.tobytes()) == (7, image)
-    wire.parse_empty(NEWER_FIELDS)  # GetModelInfoRequest: every field is unknown
+    assert wire.parse_model_info(NEWER_FIELDS) is None  # GetModelInfoRequest: all unknown
     with pytest.raises(InvalidArgument, match="more than 64 unknown fields"):
-        wire.parse_empty(NEWER_FIELDS * 17)
+        wire.parse_model_info(NEWER_FIELDS * 17)
 
 
 @settings(max_examples=200, deadline=None)

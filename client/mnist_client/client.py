@@ -134,14 +134,35 @@ class ModelInfo:
     last_failed_version: int = 0
     last_failure: str = ""
     runtime: str = ""  # "litert", "keras" or "tensorflow"; empty from older servers
+    memory_bytes: int = 0  # estimated memory this version holds; 0 from older servers
+    loaded_versions: tuple[int, ...] = ()  # every loaded version; empty from older servers
+    labels: dict[str, int] = field(default_factory=dict)  # label -> the version it points at
 
 
-def _predict_request(image: Any) -> pb.PredictRequest:
-    return pb.PredictRequest(image=to_image_bytes(image))
+def _spec(version: int | None, label: str | None) -> pb.ModelSpec | None:
+    """The request's ModelSpec: pinned to ``version`` or ``label`` (None: the default)."""
+    if version is None and not label:
+        return None
+    spec = pb.ModelSpec(label=label or "")
+    if version is not None:
+        spec.version = version
+    return spec
 
 
-def _batch_request(images: Any) -> pb.BatchPredictRequest:
-    return pb.BatchPredictRequest(images=to_batch(images))
+def _predict_request(
+    image: Any, version: int | None = None, label: str | None = None
+) -> pb.PredictRequest:
+    return pb.PredictRequest(image=to_image_bytes(image), model_spec=_spec(version, label))
+
+
+def _batch_request(
+    images: Any, version: int | None = None, label: str | None = None
+) -> pb.BatchPredictRequest:
+    return pb.BatchPredictRequest(images=to_batch(images), model_spec=_spec(version, label))
+
+
+def _info_request(version: int | None, label: str | None) -> pb.GetModelInfoRequest:
+    return pb.GetModelInfoRequest(model_spec=_spec(version, label))
 
 
 def _prediction(resp: pb.PredictResponse, timing: Timing | None = None) -> Prediction:
@@ -182,7 +203,8 @@ class _StreamRequests:
     opaque CANCELLED inside gRPC.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spec: pb.ModelSpec | None = None) -> None:
+        self._spec = spec  # every message's pin (None: the default version)
         self._next_id = 0
         self.error: Exception | None = None
         # answers made here (appended on gRPC's thread, taken on the caller's)
@@ -192,7 +214,9 @@ class _StreamRequests:
         request_id = self._next_id
         self._next_id += 1
         try:
-            return pb.PredictStreamRequest(id=request_id, image=to_image_bytes(image))
+            return pb.PredictStreamRequest(
+                id=request_id, image=to_image_bytes(image), model_spec=self._spec
+            )
         except ImageError as err:
             code = grpc.StatusCode.INVALID_ARGUMENT
             self.local.append(StreamResult(request_id, error=PredictionError(code, str(err))))
@@ -244,6 +268,9 @@ def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
         loaded_at=resp.loaded_at,
         last_failed_version=resp.last_failed_version,
         last_failure=resp.last_failure,
+        memory_bytes=resp.memory_bytes,
+        loaded_versions=tuple(resp.loaded_versions),
+        labels=dict(resp.labels),
     )
 
 
@@ -375,27 +402,55 @@ class DigitClient(_ClientBase):
 
     _channels = grpc
 
-    def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
-        """Classify one image (array, 784 bytes, path or PIL image)."""
-        resp, call = self._stub.Predict.with_call(_predict_request(image), **self._kw(timeout))
+    def predict(
+        self,
+        image: Any,
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> Prediction:
+        """Classify one image (array, 784 bytes, path or PIL image).
+
+        ``version`` pins a loaded version, ``label`` the version a label (``stable``,
+        ``canary``) points at when the call is admitted; neither: the server's default.
+        A version or label that is not loaded raises NOT_FOUND naming what is.
+        """
+        request = _predict_request(image, version, label)
+        resp, call = self._stub.Predict.with_call(request, **self._kw(timeout))
         return _prediction(resp, from_metadata(call.trailing_metadata()))
 
-    def batch_predict(self, images: Any, *, timeout: float | None = None) -> BatchPrediction:
-        """Classify many images in one call; answers come back in order."""
-        request = _batch_request(images)
+    def batch_predict(
+        self,
+        images: Any,
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> BatchPrediction:
+        """Classify many images in one call; answers come back in order (``version`` and
+        ``label`` as for :meth:`predict`)."""
+        request = _batch_request(images, version, label)
         resp, call = self._stub.BatchPredict.with_call(request, **self._kw(timeout))
         return _batch_prediction(resp, from_metadata(call.trailing_metadata()))
 
     def predict_stream(
-        self, images: Iterable[Any], *, timeout: float | None = None
+        self,
+        images: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
     ) -> Iterator[StreamResult]:
         """Classify many images over one stream; yield each answer as it arrives.
 
         ``images`` may be any iterable (a generator is read as the server takes images in);
         answers may come out of order: each carries its image's index in ``images``. An image
         the server cannot read gets an answer with ``error`` set; the stream goes on.
+        ``version`` and ``label`` pin every image (as for :meth:`predict`); each image is
+        resolved as the server reads it.
         """
-        requests = _StreamRequests()
+        requests = _StreamRequests(_spec(version, label))
         for resp in self._stub.PredictStream(requests.of(images), **self._stream_kw(timeout)):
             yield from requests.take_local()
             yield _stream_result(resp)
@@ -403,9 +458,13 @@ class DigitClient(_ClientBase):
         if requests.error is not None:
             raise requests.error
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """The model version, architecture, device and batching settings being served."""
-        return _model_info(self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout)))
+    def model_info(
+        self, *, timeout: float | None = None, version: int | None = None, label: str | None = None
+    ) -> ModelInfo:
+        """The model version (the default, or ``version``/``label``), architecture, device,
+        batching settings, loaded versions and labels."""
+        request = _info_request(version, label)
+        return _model_info(self._stub.GetModelInfo(request, **self._kw(timeout)))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ``"SERVICE_UNKNOWN"``."""
@@ -433,27 +492,47 @@ class AsyncDigitClient(_ClientBase):
 
     _channels = grpc.aio
 
-    async def predict(self, image: Any, *, timeout: float | None = None) -> Prediction:
-        """Classify one image (array, 784 bytes, path or PIL image)."""
-        call = self._stub.Predict(_predict_request(image), **self._kw(timeout))
+    async def predict(
+        self,
+        image: Any,
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> Prediction:
+        """Classify one image (see :meth:`DigitClient.predict`)."""
+        call = self._stub.Predict(_predict_request(image, version, label), **self._kw(timeout))
         resp = await call
         return _prediction(resp, from_metadata(await call.trailing_metadata()))
 
-    async def batch_predict(self, images: Any, *, timeout: float | None = None) -> BatchPrediction:
-        """Classify many images in one call; answers come back in order."""
-        call = self._stub.BatchPredict(_batch_request(images), **self._kw(timeout))
+    async def batch_predict(
+        self,
+        images: Any,
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> BatchPrediction:
+        """Classify many images in one call (see :meth:`DigitClient.batch_predict`)."""
+        request = _batch_request(images, version, label)
+        call = self._stub.BatchPredict(request, **self._kw(timeout))
         resp = await call
         return _batch_prediction(resp, from_metadata(await call.trailing_metadata()))
 
     async def predict_stream(
-        self, images: Iterable[Any] | AsyncIterable[Any], *, timeout: float | None = None
+        self,
+        images: Iterable[Any] | AsyncIterable[Any],
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
     ) -> AsyncIterator[StreamResult]:
         """The asyncio twin of :meth:`DigitClient.predict_stream`: an async iterator.
 
         ``images`` may also be an async iterable, for a producer that must wait (for images
         to arrive, or for answers before it sends more).
         """
-        requests = _StreamRequests()
+        requests = _StreamRequests(_spec(version, label))
         source = requests.of(images) if isinstance(images, Iterable) else requests.of_async(images)
         call = self._stub.PredictStream(source, **self._stream_kw(timeout))
         async for resp in call:
@@ -465,9 +544,11 @@ class AsyncDigitClient(_ClientBase):
         if requests.error is not None:
             raise requests.error
 
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """The model version, architecture, device and batching settings being served."""
-        req = pb.GetModelInfoRequest()
+    async def model_info(
+        self, *, timeout: float | None = None, version: int | None = None, label: str | None = None
+    ) -> ModelInfo:
+        """See :meth:`DigitClient.model_info`."""
+        req = _info_request(version, label)
         return _model_info(await self._stub.GetModelInfo(req, **self._kw(timeout)))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:

@@ -118,7 +118,15 @@ class KServe:
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=self._core.model_name,
-            versions=[str(model.version)],
+            # the version asked for, or (none asked) every loaded one, the default's first
+            versions=[str(model.version)]
+            + (
+                []
+                if request.version
+                else [
+                    str(v) for v in sorted(self._core.manager.routes.versions) if v != model.version
+                ]
+            ),
             platform=model.runtime_name,
             inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=INPUT_SHAPE)],
             outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=OUTPUT_SHAPE)],

@@ -7,10 +7,13 @@ Regress and MultiInference answer UNIMPLEMENTED (this model only predicts).
 As TensorFlow Serving does:
 
 * ``model_spec.name`` must be the served model's (``--model-name``), else NOT_FOUND;
-  ``model_spec.version``, when set, must be the served version, else NOT_FOUND; a
-  ``version_label`` is INVALID_ARGUMENT ("Unrecognized servable version label": no labels
-  are assigned); the signature must be ``serving_default`` (or empty), else
-  FAILED_PRECONDITION. GetModelMetadata needs ``metadata_field`` ``signature_def``.
+  ``model_spec.version``, when set, pins a loaded version, else NOT_FOUND ("Servable not
+  found", then what is loaded); ``version_label`` pins the version a label of
+  ``MODEL_DIR/labels.json`` points at, else INVALID_ARGUMENT ("Unrecognized servable version
+  label", then what is loaded); neither: the default version. The signature must be
+  ``serving_default`` (or empty), else FAILED_PRECONDITION. GetModelMetadata needs
+  ``metadata_field`` ``signature_def``; GetModelStatus without a version lists every loaded
+  version.
 * The input tensor comes as ``tensor_content`` (what ``tf.make_tensor_proto`` writes for an
   array) or as typed ``int_val`` values, where fewer values than elements repeat the last one
   (TensorFlow's compact form). A wrong input key, dtype or shape is INVALID_ARGUMENT.
@@ -78,12 +81,18 @@ class TFServing:
             model = self._core.resolve(spec.name, version, spec.version_label or None)
         except UnknownLabel:
             raise InvalidArgument(
-                f"Unrecognized servable version label: {bounded(spec.version_label, 64)}"
+                f"Unrecognized servable version label: {bounded(spec.version_label, 64)}; "
+                f"{self._core.manager.routes.loaded()}"
             ) from None
         except NotFound:
             name = bounded(spec.name, 64)
             request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
-            raise NotFound(f"Servable not found for request: {request}") from None
+            loaded = (
+                ""
+                if spec.name != self._core.model_name
+                else (f"; {self._core.manager.routes.loaded()}")
+            )
+            raise NotFound(f"Servable not found for request: {request}{loaded}") from None
         if spec.signature_name not in ("", SIGNATURE):  # TF Serving's status and words
             raise FailedPrecondition(
                 f'Serving signature key "{bounded(spec.signature_name, 64)}" not found.'
@@ -142,13 +151,20 @@ class TFServing:
 
     async def get_model_status(self, raw: bytes, call: Call) -> bytes:
         request = parse(tfs.GetModelStatusRequest, raw)
-        model = self._served(request.model_spec)
-        status = tfs.ModelVersionStatus(
-            version=model.version,
-            state=tfs.ModelVersionStatus.AVAILABLE,
-            status=tfs.StatusProto(error_code=0),
-        )
-        return tfs.GetModelStatusResponse(model_version_status=[status]).SerializeToString()
+        spec = request.model_spec
+        model = self._served(spec)
+        versions = [model.version]
+        if not spec.HasField("version") and not spec.version_label:  # as TF Serving: all
+            versions = sorted(self._core.manager.routes.versions) or versions
+        statuses = [
+            tfs.ModelVersionStatus(
+                version=version,
+                state=tfs.ModelVersionStatus.AVAILABLE,
+                status=tfs.StatusProto(error_code=0),
+            )
+            for version in versions
+        ]
+        return tfs.GetModelStatusResponse(model_version_status=statuses).SerializeToString()
 
     async def _unimplemented(self, raw: bytes, call: Call) -> bytes:
         raise Unimplemented(

@@ -28,9 +28,9 @@ async def core(tmp_path: Path) -> AsyncIterator[tuple[InferenceCore, FakeLoader]
     """A core on an empty model folder (nothing loaded yet), its batcher running."""
     loader = FakeLoader()
     core = InferenceCore.from_settings(fake_settings(tmp_path), ServerMetrics(), loader=loader)
-    core.batcher.start()
+    core.start()
     yield core, loader
-    await core.batcher.stop()
+    await core.stop()
 
 
 async def test_nothing_loaded_is_unavailable_saying_why(
@@ -82,7 +82,7 @@ async def test_unknown_model_version_and_label_are_not_found_naming_what_is_serv
     assert info.value.message == "model 'other' is not served here; this server serves 'mnist'"
     with pytest.raises(NotFound) as info:
         await c.infer(np.zeros((1, 28, 28), np.uint8), None, model="mnist", version=2)
-    assert info.value.message == "version '2' of model 'mnist' is not served; version 1 is"
+    assert info.value.message == "version '2' of model 'mnist' is not loaded; loaded: version 1"
     with pytest.raises(UnknownLabel) as label:
         c.resolve(label="stable")
     assert label.value.code == grpc.StatusCode.NOT_FOUND
@@ -133,4 +133,4 @@ async def test_a_newer_version_serves_the_next_call(
     assert list((await c.infer(np.zeros((1, 28, 28), np.uint8), None)).versions) == [2]
     with pytest.raises(NotFound) as info:
         c.resolve(version=1)
-    assert info.value.message.endswith("version 2 is")
+    assert info.value.message.endswith("loaded: version 2")

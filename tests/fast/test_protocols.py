@@ -131,7 +131,7 @@ async def test_kserve_classification_extension(fake_server: FakeServer) -> None:
     ("model", "version", "message"),
     [
         ("other", "", NOT_SERVED),
-        ("mnist", "2", "version '2' of model 'mnist' is not served; version 1 is"),
+        ("mnist", "2", "version '2' of model 'mnist' is not loaded; loaded: version 1"),
     ],
 )
 async def test_kserve_pinning_what_is_not_served_is_not_found(
@@ -237,9 +237,21 @@ async def test_tf_serving_predict_metadata_and_status(fake_server: FakeServer) -
     ("spec", "code", "message"),
     [
         ({"name": "other"}, "NOT_FOUND", "Servable not found for request: Latest(other)"),
-        ({"version": 7}, "NOT_FOUND", "Servable not found for request: Specific(mnist, 7)"),
-        ({"version": 0}, "NOT_FOUND", "Servable not found for request: Specific(mnist, 0)"),
-        ({"label": "stable"}, "INVALID_ARGUMENT", "Unrecognized servable version label: stable"),
+        (
+            {"version": 7},
+            "NOT_FOUND",
+            "Servable not found for request: Specific(mnist, 7); loaded: version 1",
+        ),
+        (
+            {"version": 0},
+            "NOT_FOUND",
+            "Servable not found for request: Specific(mnist, 0); loaded: version 1",
+        ),
+        (
+            {"label": "stable"},
+            "INVALID_ARGUMENT",
+            "Unrecognized servable version label: stable; loaded: version 1",
+        ),
     ],
 )
 async def test_tf_serving_pinning_answers_in_tf_serving_words(

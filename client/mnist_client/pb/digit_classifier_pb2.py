@@ -25,37 +25,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmnist/v1/digit_classifier.proto\x12\x08mnist.v1\"\x1f\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\"N\n\x0fPredictResponse\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"%\n\x13\x42\x61tchPredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"U\n\x14\x42\x61tchPredictResponse\x12\x0e\n\x06\x64igits\x18\x01 \x03(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x16\n\x0emodel_versions\x18\x03 \x03(\x03\"1\n\x14PredictStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05image\x18\x02 \x01(\x0c\"\xad\x01\n\x15PredictStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\nprediction\x18\x02 \x01(\x0b\x32\x19.mnist.v1.PredictResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.mnist.v1.ImageErrorH\x00\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.mnist.v1.ServerTimingB\x08\n\x06result\"Z\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"+\n\nImageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"|\n\x0e\x42\x61tchingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x18\n\x10\x62\x61tch_timeout_ms\x18\x02 \x01(\x01\x12\x18\n\x10max_queue_images\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\"\xcf\x02\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rtest_accuracy\x18\x03 \x01(\x01\x12#\n\x05input\x18\x04 \x01(\x0b\x32\x14.mnist.v1.TensorSpec\x12$\n\x06output\x18\x05 \x01(\x0b\x32\x14.mnist.v1.TensorSpec\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12*\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x18.mnist.v1.BatchingConfig\x12\x15\n\rmetadata_json\x18\x08 \x01(\t\x12\x11\n\tloaded_at\x18\t \x01(\t\x12\x1b\n\x13last_failed_version\x18\n \x01(\x03\x12\x14\n\x0clast_failure\x18\x0b \x01(\t\x12\x0f\n\x07runtime\x18\x0c \x01(\t2\xc5\x02\n\x0f\x44igitClassifier\x12>\n\x07Predict\x12\x18.mnist.v1.PredictRequest\x1a\x19.mnist.v1.PredictResponse\x12M\n\x0c\x42\x61tchPredict\x12\x1d.mnist.v1.BatchPredictRequest\x1a\x1e.mnist.v1.BatchPredictResponse\x12M\n\x0cGetModelInfo\x12\x1d.mnist.v1.GetModelInfoRequest\x1a\x1e.mnist.v1.GetModelInfoResponse\x12T\n\rPredictStream\x12\x1e.mnist.v1.PredictStreamRequest\x1a\x1f.mnist.v1.PredictStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmnist/v1/digit_classifier.proto\x12\x08mnist.v1\"J\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05label\x18\x03 \x01(\tB\n\n\x08_version\"H\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\'\n\nmodel_spec\x18\x02 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\"N\n\x0fPredictResponse\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"N\n\x13\x42\x61tchPredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\'\n\nmodel_spec\x18\x02 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\"U\n\x14\x42\x61tchPredictResponse\x12\x0e\n\x06\x64igits\x18\x01 \x03(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x16\n\x0emodel_versions\x18\x03 \x03(\x03\"Z\n\x14PredictStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\'\n\nmodel_spec\x18\x03 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\"\xad\x01\n\x15PredictStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\nprediction\x18\x02 \x01(\x0b\x32\x19.mnist.v1.PredictResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.mnist.v1.ImageErrorH\x00\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.mnist.v1.ServerTimingB\x08\n\x06result\"Z\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"+\n\nImageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\">\n\x13GetModelInfoRequest\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"|\n\x0e\x42\x61tchingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x18\n\x10\x62\x61tch_timeout_ms\x18\x02 \x01(\x01\x12\x18\n\x10max_queue_images\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\"\xe9\x03\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rtest_accuracy\x18\x03 \x01(\x01\x12#\n\x05input\x18\x04 \x01(\x0b\x32\x14.mnist.v1.TensorSpec\x12$\n\x06output\x18\x05 \x01(\x0b\x32\x14.mnist.v1.TensorSpec\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12*\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x18.mnist.v1.BatchingConfig\x12\x15\n\rmetadata_json\x18\x08 \x01(\t\x12\x11\n\tloaded_at\x18\t \x01(\t\x12\x1b\n\x13last_failed_version\x18\n \x01(\x03\x12\x14\n\x0clast_failure\x18\x0b \x01(\t\x12\x0f\n\x07runtime\x18\x0c \x01(\t\x12\x14\n\x0cmemory_bytes\x18\r \x01(\x03\x12\x17\n\x0floaded_versions\x18\x0e \x03(\x03\x12:\n\x06labels\x18\x0f \x03(\x0b\x32*.mnist.v1.GetModelInfoResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc5\x02\n\x0f\x44igitClassifier\x12>\n\x07Predict\x12\x18.mnist.v1.PredictRequest\x1a\x19.mnist.v1.PredictResponse\x12M\n\x0c\x42\x61tchPredict\x12\x1d.mnist.v1.BatchPredictRequest\x1a\x1e.mnist.v1.BatchPredictResponse\x12M\n\x0cGetModelInfo\x12\x1d.mnist.v1.GetModelInfoRequest\x1a\x1e.mnist.v1.GetModelInfoResponse\x12T\n\rPredictStream\x12\x1e.mnist.v1.PredictStreamRequest\x1a\x1f.mnist.v1.PredictStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mnist.v1.digit_classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREDICTREQUEST']._serialized_start=45
-  _globals['_PREDICTREQUEST']._serialized_end=76
-  _globals['_PREDICTRESPONSE']._serialized_start=78
-  _globals['_PREDICTRESPONSE']._serialized_end=156
-  _globals['_BATCHPREDICTREQUEST']._serialized_start=158
-  _globals['_BATCHPREDICTREQUEST']._serialized_end=195
-  _globals['_BATCHPREDICTRESPONSE']._serialized_start=197
-  _globals['_BATCHPREDICTRESPONSE']._serialized_end=282
-  _globals['_PREDICTSTREAMREQUEST']._serialized_start=284
-  _globals['_PREDICTSTREAMREQUEST']._serialized_end=333
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=336
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=509
-  _globals['_SERVERTIMING']._serialized_start=511
-  _globals['_SERVERTIMING']._serialized_end=601
-  _globals['_IMAGEERROR']._serialized_start=603
-  _globals['_IMAGEERROR']._serialized_end=646
-  _globals['_GETMODELINFOREQUEST']._serialized_start=648
-  _globals['_GETMODELINFOREQUEST']._serialized_end=669
-  _globals['_TENSORSPEC']._serialized_start=671
-  _globals['_TENSORSPEC']._serialized_end=727
-  _globals['_BATCHINGCONFIG']._serialized_start=729
-  _globals['_BATCHINGCONFIG']._serialized_end=853
-  _globals['_GETMODELINFORESPONSE']._serialized_start=856
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1191
-  _globals['_DIGITCLASSIFIER']._serialized_start=1194
-  _globals['_DIGITCLASSIFIER']._serialized_end=1519
+  _globals['_GETMODELINFORESPONSE_LABELSENTRY']._loaded_options = None
+  _globals['_GETMODELINFORESPONSE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSPEC']._serialized_start=45
+  _globals['_MODELSPEC']._serialized_end=119
+  _globals['_PREDICTREQUEST']._serialized_start=121
+  _globals['_PREDICTREQUEST']._serialized_end=193
+  _globals['_PREDICTRESPONSE']._serialized_start=195
+  _globals['_PREDICTRESPONSE']._serialized_end=273
+  _globals['_BATCHPREDICTREQUEST']._serialized_start=275
+  _globals['_BATCHPREDICTREQUEST']._serialized_end=353
+  _globals['_BATCHPREDICTRESPONSE']._serialized_start=355
+  _globals['_BATCHPREDICTRESPONSE']._serialized_end=440
+  _globals['_PREDICTSTREAMREQUEST']._serialized_start=442
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=532
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=535
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=708
+  _globals['_SERVERTIMING']._serialized_start=710
+  _globals['_SERVERTIMING']._serialized_end=800
+  _globals['_IMAGEERROR']._serialized_start=802
+  _globals['_IMAGEERROR']._serialized_end=845
+  _globals['_GETMODELINFOREQUEST']._serialized_start=847
+  _globals['_GETMODELINFOREQUEST']._serialized_end=909
+  _globals['_TENSORSPEC']._serialized_start=911
+  _globals['_TENSORSPEC']._serialized_end=967
+  _globals['_BATCHINGCONFIG']._serialized_start=969
+  _globals['_BATCHINGCONFIG']._serialized_end=1093
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1096
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1585
+  _globals['_GETMODELINFORESPONSE_LABELSENTRY']._serialized_start=1540
+  _globals['_GETMODELINFORESPONSE_LABELSENTRY']._serialized_end=1585
+  _globals['_DIGITCLASSIFIER']._serialized_start=1588
+  _globals['_DIGITCLASSIFIER']._serialized_end=1913
 # @@protoc_insertion_point(module_scope)

@@ -7,11 +7,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "version", "label")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    label: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
 class PredictRequest(_message.Message):
-    __slots__ = ("image",)
+    __slots__ = ("image", "model_spec")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     image: bytes
-    def __init__(self, image: _Optional[bytes] = ...) -> None: ...
+    model_spec: ModelSpec
+    def __init__(self, image: _Optional[bytes] = ..., model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("digit", "probabilities", "model_version")
@@ -24,10 +36,12 @@ class PredictResponse(_message.Message):
     def __init__(self, digit: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class BatchPredictRequest(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "model_spec")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    model_spec: ModelSpec
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class BatchPredictResponse(_message.Message):
     __slots__ = ("digits", "probabilities", "model_versions")
@@ -40,12 +54,14 @@ class BatchPredictResponse(_message.Message):
     def __init__(self, digits: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PredictStreamRequest(_message.Message):
-    __slots__ = ("id", "image")
+    __slots__ = ("id", "image", "model_spec")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     id: int
     image: bytes
-    def __init__(self, id: _Optional[int] = ..., image: _Optional[bytes] = ...) -> None: ...
+    model_spec: ModelSpec
+    def __init__(self, id: _Optional[int] = ..., image: _Optional[bytes] = ..., model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class PredictStreamResponse(_message.Message):
     __slots__ = ("id", "prediction", "error", "timing")
@@ -80,8 +96,10 @@ class ImageError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model_spec",)
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
+    model_spec: ModelSpec
+    def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -106,7 +124,14 @@ class BatchingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., batch_timeout_ms: _Optional[float] = ..., max_queue_images: _Optional[int] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_version", "architecture", "test_accuracy", "input", "output", "device", "batching", "metadata_json", "loaded_at", "last_failed_version", "last_failure", "runtime")
+    __slots__ = ("model_version", "architecture", "test_accuracy", "input", "output", "device", "batching", "metadata_json", "loaded_at", "last_failed_version", "last_failure", "runtime", "memory_bytes", "loaded_versions", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +144,9 @@ class GetModelInfoResponse(_message.Message):
     LAST_FAILED_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     architecture: str
     test_accuracy: float
@@ -131,4 +159,7 @@ class GetModelInfoResponse(_message.Message):
     last_failed_version: int
     last_failure: str
     runtime: str
-    def __init__(self, model_version: _Optional[int] = ..., architecture: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., metadata_json: _Optional[str] = ..., loaded_at: _Optional[str] = ..., last_failed_version: _Optional[int] = ..., last_failure: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
+    memory_bytes: int
+    loaded_versions: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.ScalarMap[str, int]
+    def __init__(self, model_version: _Optional[int] = ..., architecture: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., metadata_json: _Optional[str] = ..., loaded_at: _Optional[str] = ..., last_failed_version: _Optional[int] = ..., last_failure: _Optional[str] = ..., runtime: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., labels: _Optional[_Mapping[str, int]] = ...) -> None: ...
