@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,16,64,256", help="Predict concurrencies")
     p.add_argument("--sweep", action="store_true", help="also batching-setting variants")
     p.add_argument("--smoke", action="store_true", help="1 s runs, 1 repeat, c=1,16")
+    p.add_argument("--baseline", type=Path, help="another checkout (git worktree add DIR REV): "
+                   "its server too, side by side on the same model")  # fmt: skip
     p.add_argument("--targets", default="", help="only these targets (comma-separated names)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON and PNG go here")
     args = p.parse_args(argv)
@@ -114,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         sweep=args.sweep,
         only=frozenset(filter(None, args.targets.split(","))),
+        baseline=args.baseline,
     )
     result["ratios"] = r = ratios(result)
     _print_table(result, r)

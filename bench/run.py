@@ -146,6 +146,7 @@ def run_benchmark(
     repeats: int,
     sweep: bool,
     only: frozenset[str] = frozenset(),
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     """Start every target (``only``: these), run every load against each, interleaved,
     ``repeats`` times."""
@@ -154,7 +155,7 @@ def run_benchmark(
     with_tf = _tensorflow_installed()
     workdir = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
     payloads = make_payloads(workdir, images)
-    chosen = [t for t in targets(model_dir, sweep, with_tf) if not only or t.name in only]
+    chosen = [t for t in targets(model_dir, sweep, with_tf, baseline) if not only or t.name in only]
     running = [start(t, workdir) for t in chosen]
     samples: list[Sample] = []
     runtimes = [r for r in IN_PROCESS_RUNTIMES if r != "tensorflow" or with_tf]
@@ -250,6 +251,9 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         / get("monitoring-off", "batch1024-c4", "images_per_s"),
         f"monitoring_cpu_per_request_c{c}_vs_off": get("batched", load, "cpu_us_per_request")
         / get("monitoring-off", load, "cpu_us_per_request"),
+        f"vs_baseline_rps_c{c}": get("batched", load, "rps") / get("baseline", load, "rps"),
+        "vs_baseline_batch1024_images": get("batched", "batch1024-c4", "images_per_s")
+        / get("baseline", "batch1024-c4", "images_per_s"),
         f"kserve_cpu_per_request_vs_native_c{c}": get(
             "batched", f"kserve-c{c}", "cpu_us_per_request"
         )

@@ -30,6 +30,7 @@ class Target:
     command: list[str]  # without --ready-file, which start() adds
     ours: bool  # our server (has metrics and BatchPredict)
     loads: tuple[str, ...] = ()  # run only the loads whose names start so (empty: every load)
+    source: Path | None = None  # another checkout whose server this runs (--baseline)
 
 
 @dataclass
@@ -55,8 +56,11 @@ def our_server(model_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def targets(model_dir: Path, sweep: bool, with_tensorflow: bool) -> list[Target]:
-    """Every target: the bare-gRPC ceilings, naive modes and our server (``sweep``: variants)."""
+def targets(
+    model_dir: Path, sweep: bool, with_tensorflow: bool, baseline: Path | None = None
+) -> list[Target]:
+    """Every target: the bare-gRPC ceilings, naive modes and our server (``sweep``: variants;
+    ``baseline``: the server of another checkout too, on the same model)."""
     py = sys.executable
     out = [
         Target("echo-sync", [py, "-m", "bench.echo_server", "--flavour", "sync"], False),
@@ -82,6 +86,9 @@ def targets(model_dir: Path, sweep: bool, with_tensorflow: bool) -> list[Target]
             "naive", our_server(model_dir, "--max-batch-size", "1", "--runtime", "tensorflow"),
             True,
         ))  # fmt: skip
+    if baseline is not None:
+        out.append(Target("baseline", our_server(model_dir.resolve()), True,
+                          loads=("predict-", "batch1024-"), source=baseline.resolve()))  # fmt: skip
     if sweep:
         out += [
             Target("batched-b32", our_server(model_dir, "--max-batch-size", "32"), True),
@@ -96,10 +103,15 @@ def start(target: Target, workdir: Path, timeout: float = 120) -> Running:
     ready_file = workdir / f"{target.name}.ready.json"
     ready_file.unlink(missing_ok=True)
     started = time.perf_counter()
+    env = None
+    if target.source is not None:  # that checkout's packages before this one's
+        paths = [str(target.source), str(target.source / "client")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*target.command, "--ready-file", str(ready_file)], stdout=out, stderr=subprocess.STDOUT
-        )
+            [*target.command, "--ready-file", str(ready_file)], stdout=out,
+            stderr=subprocess.STDOUT, env=env, cwd=target.source,
+        )  # fmt: skip
     try:
         ready = wait_for_ready_file(ready_file, proc, timeout)
     except RuntimeError as err:
