@@ -160,9 +160,11 @@ class Binning:
         (confidence, digit), which may come from different numbers of images."""
         n = len(STATISTICS)
         stats = (statistics[:, :, None] > self._edges[None, :n]).sum(axis=2) + self._offsets[:n]
-        ans = (answers[:, :, None] > self._edges[None, n:]).sum(axis=2) + self._offsets[n:]
+        # the answers are the many rows: one sorted search each, no [N, 2, edges] temporary
+        confidence = np.searchsorted(self._edges[n], answers[:, 0]) + self._offsets[n]
+        digit = np.searchsorted(self._edges[n + 1], answers[:, 1]) + self._offsets[n + 1]
         total = len(SIGNALS) * self.width
-        flat = np.concatenate([stats.ravel(), ans.ravel()])
+        flat = np.concatenate([stats.ravel(), confidence, digit])
         return np.bincount(flat, minlength=total).reshape(len(SIGNALS), self.width)
 
     def counts(self, values: np.ndarray) -> np.ndarray:
@@ -257,7 +259,9 @@ class VersionMonitor:
     def _count(self, images: np.ndarray, probabilities: np.ndarray) -> None:
         """Bin sampled ``images`` and every answer's ``probabilities`` into the totals and the
         window slot of the buffered rows. Under the lock."""
-        answers = np.column_stack([probabilities.max(axis=1), probabilities.argmax(axis=1)])
+        digits = probabilities.argmax(axis=1)
+        confidence = np.take_along_axis(probabilities, digits[:, None], axis=1)[:, 0]
+        answers = np.column_stack([confidence, digits])
         statistics = image_statistics(images)
         counts = self.binning.counts_of(statistics, answers)
         sums = np.concatenate([statistics.sum(axis=0), answers.sum(axis=0)])
