@@ -54,16 +54,20 @@ class DigitClassifier:
     async def predict(self, raw: bytes, call: Call) -> bytes:
         call.images = 1  # a Predict carries one image, even one that turns out to be wrong
         images, pin = wire.parse_predict_pinned(raw)
-        loaded = self._core.resolve(*pin) if pin else self._core.resolve()
+        loaded = self._resolve(pin)
         answer = call.answer = await self._core.submit(images, loaded, call.deadline)
         return wire.encode_predict(answer.probabilities[0], int(answer.versions[0]))
 
     async def batch_predict(self, raw: bytes, call: Call) -> bytes:
         images, pin = wire.parse_batch_predict_pinned(raw, self._settings.max_images_per_request)
         call.images = len(images)
-        loaded = self._core.resolve(*pin) if pin else self._core.resolve()
+        loaded = self._resolve(pin)
         answer = call.answer = await self._core.submit(images, loaded, call.deadline)
         return wire.encode_batch_predict(answer.probabilities, answer.versions)
+
+    def _resolve(self, pin: wire.Pin | None) -> LoadedModel:
+        """The version a request's ``model_spec`` pins, or the default without one."""
+        return self._core.resolve(*pin) if pin else self._core.resolve()
 
     # PredictStream: the codec that server.streams.StreamMethod reads and answers with
 
@@ -76,7 +80,7 @@ class DigitClassifier:
         except wire.StreamImageError as err:
             raise ItemError(err.request_id, err) from None
         try:
-            return request_id, image, self._core.resolve(*pin) if pin else self._core.resolve()
+            return request_id, image, self._resolve(pin)
         except ServiceError as err:
             raise ItemError(request_id, err) from None
 
@@ -95,7 +99,7 @@ class DigitClassifier:
 
     async def get_model_info(self, raw: bytes, call: Call) -> bytes:
         pin = wire.parse_model_info(raw)
-        model = self._core.resolve(*pin) if pin else self._core.resolve()
+        model = self._resolve(pin)
         routes = self._core.manager.routes
         s = self._settings
         failure = self._core.manager.last_failure
