@@ -5,8 +5,9 @@ Request path: gRPC -> ``server.rpc`` / ``server.streams`` (admission, auth, stat
 arrays) -> :class:`~server.core.InferenceCore` (model lookup) -> ``server.batcher`` (queue,
 coalesce) -> batcher thread -> ``ModelManager.predict`` -> the version's runtime -> back.
 
-Where state lives: the served model in :class:`~server.manager.ModelManager`; the queue in
-:class:`~server.batcher.DynamicBatcher` (both the core's); calls in flight and the drain in
+Where state lives: the served models in :class:`~server.repository.ModelRepository` (a
+:class:`~server.manager.ModelManager` per model); the queues in
+:class:`~server.batcher.DynamicBatcher`, one per loaded version (all the core's); calls in flight and the drain in
 :class:`~server.calls.CallTracker`; SERVING or not in :class:`~server.health.Health`.
 
 The protocols this server speaks are the one list :data:`PROTOCOLS`: each declares its
@@ -35,7 +36,7 @@ from server.batcher import DynamicBatcher
 from server.calls import CallTracker
 from server.core import InferenceCore
 from server.health import Health
-from server.manager import VersionLoader
+from server.manager import ModelManager, VersionLoader
 from server.metrics import ServerMetrics
 from server.metrics_http import MetricsServer
 from server.monitoring import ModelMonitoring, PayloadLog
@@ -183,7 +184,7 @@ class ModelServer:
             arriving=lambda: self.calls.unary - self.core.unresolved,
             loader=loader,
         )
-        self.manager = self.core.manager
+        self.repository = self.core.repository
         context = ProtocolContext(
             self.core, s, lambda: self.health.serving, self.metrics.stats, _package_version()
         )
@@ -214,6 +215,7 @@ class ModelServer:
             on_call=self.calls.arrive,
             on_return=self.calls.leave,
         )
+        self.core.on_change = self.health.update  # a management call changed what serves
         self.exit_code = 0
         self.fatal = asyncio.Event()  # set when the process must stop (batcher failed)
         self.port = 0
@@ -223,6 +225,11 @@ class ModelServer:
         self._follow: asyncio.Task[None] | None = None
         self._report: asyncio.Task[None] | None = None
         self._health_update: asyncio.Task[bool] | None = None  # kept: tasks are weakly held
+
+    @property
+    def manager(self) -> ModelManager:
+        """The default model's manager (the only one in the one-model layout)."""
+        return self.core.manager
 
     @property
     def batcher(self) -> DynamicBatcher | None:
@@ -336,7 +343,7 @@ class ModelServer:
                 s.metrics_port,
                 self.metrics.registry,
                 ready=lambda: self.health.serving,
-                why_not=self.manager.waiting_for,
+                why_not=self.repository.waiting_for,
                 token=metrics_token,
                 tls_cert=s.metrics_tls_cert,
                 tls_key=s.metrics_tls_key,
@@ -365,10 +372,10 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(None, self.manager.refresh)
+                await loop.run_in_executor(None, self.repository.refresh)
             except Exception:
                 log.exception("model load failed")
-            if self.manager.current is not None:
+            if self.repository.current is not None:
                 return
             await asyncio.sleep(self.settings.poll_seconds)
 
@@ -387,23 +394,23 @@ class ModelServer:
             await asyncio.sleep(REPORT_SECONDS)
 
     def _facts(self) -> dict[str, Any]:
-        model = self.manager.current
+        model = self.repository.current
         return {
             "grpc_port": self.port,
             "metrics_port": self.metrics_port,
             "model_version": model.version if model else None,
             "model_load_seconds": model.load_seconds if model else None,
-            "waiting_for": self.manager.waiting_for(),
+            "waiting_for": self.repository.waiting_for(),
         }
 
     async def _load_and_follow(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.manager.refresh)
+            await loop.run_in_executor(None, self.repository.refresh)
         except Exception:
             log.exception("model load failed")
         await self.health.update()
-        await self.manager.watch(self.settings.poll_seconds, self.health.update)
+        await self.repository.watch(self.settings.poll_seconds, self.health.update)
 
     def _batcher_failed(self, err: BaseException) -> None:
         log.critical("the batcher failed; stopping with exit status %d", EXIT_BATCHER_FAILED)

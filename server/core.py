@@ -3,11 +3,13 @@
 "These images, for model M, version V or label L (or the default), by deadline D": the
 :class:`InferenceCore` answers with the probabilities, the version that computed them and
 where the time went (the batcher's :class:`~server.batcher.Answer`). It owns the model lookup
-(:class:`~server.manager.ModelManager`), readiness and the batcher; it knows nothing of gRPC.
+(:class:`~server.repository.ModelRepository`: a :class:`~server.manager.ModelManager` per
+model), readiness, the batchers and the repository's management calls (list, load, unload,
+relabel, behind ``--model-control``); it knows nothing of gRPC.
 The protocols (``server.servicer``, ``server.protocols.*``) only convert their messages to a
 core call and its answer back to their messages.
 
-Lookup, for every protocol alike, against one snapshot of what serves
+Lookup, for every protocol alike, against one snapshot of what a model serves
 (:class:`~server.manager.Routes`):
 
 * a model name that is not served: NOT_FOUND naming what is served;
@@ -24,16 +26,20 @@ loaded meanwhile; a version being unloaded finishes the calls it admitted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from server.batcher import Answer, DynamicBatcher, ModelFn, Pending
-from server.errors import NotFound, Unavailable, quoted
-from server.manager import ModelManager, VersionLoader
+from server.errors import FailedPrecondition, NotFound, Unavailable, quoted
+from server.manager import KEEP, KeepType, ModelManager, Routes, VersionLoader, VersionState
 from server.metrics import ServerMetrics
 from server.monitoring import ModelMonitoring
+from server.repository import ModelRepository
 from server.settings import Settings
 from server.versions import LoadedModel, VersionPolicy, load_version
 
@@ -42,13 +48,37 @@ class UnknownLabel(NotFound):
     """A version label that points at no version (a protocol may word it its own way)."""
 
 
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model as the repository calls list it."""
+
+    name: str
+    policy: str  # its version policy ("latest:1", "none" once unloaded)
+    versions: list[VersionState]  # on disk or loaded, ascending
+    labels: Mapping[str, int]  # the labels that point at a loaded version
+    default_version: int | None  # what unpinned calls get (None: nothing loaded)
+
+
 class InferenceCore:
     """Model lookup, readiness and batching behind every protocol; see the module docstring."""
 
-    def __init__(self, manager: ModelManager, model_name: str) -> None:
-        self.manager = manager
-        self.model_name = model_name  # the name callers use for the one model served
+    def __init__(self, repository: ModelRepository, model_control: bool = False) -> None:
+        """``model_control``: whether the management calls may change what serves."""
+        self.repository = repository
+        self.model_control = model_control
+        # awaited after a management call changed what serves (the server's health update)
+        self.on_change: Callable[[], Awaitable[object]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def model_name(self) -> str:
+        """The model calls get when they name none (``--model-name``)."""
+        return self.repository.default_name
+
+    @property
+    def manager(self) -> ModelManager:
+        """The default model's manager (the only one in the one-model layout)."""
+        return self.repository.model()
 
     @classmethod
     def from_settings(
@@ -61,13 +91,14 @@ class InferenceCore:
         loader: VersionLoader = load_version,
         monitoring: ModelMonitoring | None = None,
     ) -> InferenceCore:
-        """The core a server with ``settings`` runs: its manager following ``--model-dir``
-        with ``--version-policy``, a batcher for each loaded version. ``loader`` loads a
-        version (a test's fake runtime comes in here); ``on_failure`` and ``arriving`` are
-        the batchers' (see ``server.batcher``)."""
+        """The core a server with ``settings`` runs: a manager per model under
+        ``--model-dir`` with ``--version-policy``, a batcher for each loaded version.
+        ``loader`` loads a version (a test's fake runtime comes in here); ``on_failure`` and
+        ``arriving`` are the batchers' (see ``server.batcher``)."""
         s = settings
+        policy = VersionPolicy.parse(s.version_policy)
 
-        def make_batcher(model_fn: ModelFn, version: int) -> DynamicBatcher:
+        def make_batcher(model_fn: ModelFn, model: LoadedModel) -> DynamicBatcher:
             return DynamicBatcher(
                 model_fn,
                 max_batch_size=s.max_batch_size,
@@ -77,35 +108,37 @@ class InferenceCore:
                 on_failure=on_failure,
                 arriving=arriving,
                 track_queue=False,  # the core shows the sum of every version's queue
-                answered=metrics.version_requests.labels(str(version)),
+                answered=metrics.version_requests.labels(model.name, str(model.version)),
             )
 
-        manager = ModelManager(
-            s.model_dir,
-            metrics,
-            pinned_version=s.model_version,
-            policy=VersionPolicy.parse(s.version_policy),
-            model_name=s.model_name,
-            runtime=s.runtime,
-            threads=s.model_threads,
-            max_batch=s.max_batch_size,
-            loader=loader,
-            monitoring=monitoring,
-            make_batcher=make_batcher,
-        )
-        core = cls(manager, s.model_name)
+        def make_manager(name: str, folder: Path) -> ModelManager:
+            return ModelManager(
+                folder,
+                metrics,
+                pinned_version=s.model_version,
+                policy=policy,
+                model_name=name,
+                runtime=s.runtime,
+                threads=s.model_threads,
+                max_batch=s.max_batch_size,
+                loader=loader,
+                monitoring=monitoring,
+                make_batcher=make_batcher,
+            )
+
+        core = cls(ModelRepository(s.model_dir, s.model_name, make_manager), s.model_control)
         metrics.track(metrics.queue_images, lambda: core.queued_images)
         return core
 
     # --- the batchers, one per loaded version
 
     def _batchers(self) -> list[DynamicBatcher]:
-        return [m.batcher for m in self.manager.routes.versions.values() if m.batcher]
+        return [m.batcher for m in self.repository.loaded() if m.batcher]
 
     @property
     def batcher(self) -> DynamicBatcher | None:
         """The default version's batcher (None while nothing is loaded)."""
-        default = self.manager.routes.default
+        default = self.repository.current
         return default.batcher if default is not None else None
 
     @property
@@ -132,14 +165,15 @@ class InferenceCore:
         """Start serving on the running event loop: the batchers of the versions loaded and
         of every one loaded later deliver their answers here."""
         self._loop = asyncio.get_running_loop()
-        self.manager.attach(self._loop)
+        self.repository.attach(self._loop)
 
     async def stop(self) -> None:
         """Refuse new calls, finish every admitted one (of every version, those being
         unloaded too), end the batchers."""
         await asyncio.gather(*(b.stop() for b in self._batchers()))
-        for unloading in list(self.manager.unloading.values()):
-            await asyncio.wrap_future(unloading)
+        for manager in list(self.repository.models.values()):
+            for unloading in list(manager.unloading.values()):
+                await asyncio.wrap_future(unloading)
 
     # --- lookup and readiness
 
@@ -153,35 +187,36 @@ class InferenceCore:
             NotFound: the model, label or version is not served (the message names what is).
             Unavailable: no version is loaded yet (the message says why).
         """
-        if model is not None and model != self.model_name:
-            raise NotFound(
-                f"model {quoted(model)} is not served here; this server serves '{self.model_name}'"
-            )
-        routes = self.manager.routes  # one snapshot for the whole lookup
+        manager = self.repository.model(model)
+        routes = manager.routes  # one snapshot for the whole lookup
         if label:
             found = routes.labels.get(label)
             if found is None:
                 raise UnknownLabel(
-                    f"label {quoted(label)} of model '{self.model_name}' points at no loaded "
-                    f"version; {routes.loaded()}"
+                    f"label {quoted(label)} of model '{manager.model_name}' points at no "
+                    f"loaded version; {routes.loaded()}"
                 )
             if version is not None and str(version) != str(found.version):
                 raise NotFound(
-                    f"label {quoted(label)} of model '{self.model_name}' points at version "
+                    f"label {quoted(label)} of model '{manager.model_name}' points at version "
                     f"{found.version}, not {quoted(version)}"
                 )
             return found
         if version is None:
             if routes.default is None:
-                return self.manager.serving_model()  # UNAVAILABLE saying why
+                return manager.serving_model()  # UNAVAILABLE saying why
             return routes.default
         if not routes.versions:
-            return self.manager.serving_model()
+            return manager.serving_model()
         # a protocol may name versions as text ("3")
         try:
             return routes.versions[int(version)]
         except (KeyError, ValueError):
-            raise NotFound(self.manager.not_loaded(quoted(version))) from None
+            raise NotFound(manager.not_loaded(quoted(version))) from None
+
+    def routes(self, model: LoadedModel) -> Routes:
+        """What the model of a resolved version serves now (its versions and labels)."""
+        return self.repository.model(model.name).routes
 
     def model_ready(
         self, model: str | None = None, version: int | str | None = None, label: str | None = None
@@ -198,7 +233,7 @@ class InferenceCore:
         model call running longer than ``stuck_s`` (a hung runtime). The server adds its
         own drain to this."""
         batchers = self._batchers()
-        return self.manager.routes.default is not None and all(
+        return self.repository.current is not None and all(
             b.alive and not b.stuck(stuck_s) for b in batchers
         )
 
@@ -244,3 +279,73 @@ class InferenceCore:
         (to the batcher of the version it was queued for)."""
         if pending.owner is not None:
             pending.owner.abandon(pending)
+
+    # --- the repository's management calls
+
+    def index(self) -> list[ModelStatus]:
+        """Every model, with every version on disk or loaded and its state (Triton's
+        RepositoryIndex, TF Serving's GetModelStatus). Always allowed: it changes nothing."""
+        return [self.status(name) for name in sorted(self.repository.models)]
+
+    def status(self, name: str | None = None) -> ModelStatus:
+        """One model as :meth:`index` lists it (None: the default model); NOT_FOUND if it
+        is not in the repository."""
+        manager = self.repository.model(name)
+        routes = manager.routes
+        return ModelStatus(
+            manager.model_name,
+            str(manager.policy),
+            manager.version_states(),
+            {label: m.version for label, m in routes.labels.items()},
+            routes.default.version if routes.default is not None else None,
+        )
+
+    async def configure(
+        self,
+        name: str,
+        policy: VersionPolicy | None | KeepType = KEEP,
+        labels: Mapping[str, int] | None = None,
+    ) -> ModelStatus:
+        """Change a model's version policy and/or its labels and apply the change before
+        answering (see :meth:`ModelManager.configure`); the model as it serves then.
+
+        Raises:
+            FailedPrecondition: ``--model-control`` is off; a label points at a version that
+                is not loaded; the repository cannot be written.
+            NotFound: no such model.
+        """
+        self.check_control()
+        manager = self.repository.model(name)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, functools.partial(manager.configure, policy, labels))
+        finally:
+            if self.on_change is not None:
+                await self.on_change()
+        return self.status(manager.model_name)
+
+    async def load(self, name: str, policy: VersionPolicy | None = None) -> ModelStatus:
+        """Load a model (Triton's RepositoryModelLoad): its versions as ``policy`` says
+        (None: ``--version-policy``). FAILED_PRECONDITION, saying why, when no version of
+        it could be loaded."""
+        if name not in self.repository.models:
+            self.check_control()
+            await asyncio.get_running_loop().run_in_executor(None, self.repository.scan)
+        status = await self.configure(name, policy)
+        if status.default_version is None:
+            why = self.repository.model(name).waiting_for() or "no version loaded"
+            raise FailedPrecondition(f"model '{name}' has no version loaded: {why}")
+        return status
+
+    async def unload(self, name: str) -> ModelStatus:
+        """Unload every version of a model (Triton's RepositoryModelUnload: the policy
+        ``none`` until it is loaded again); calls already admitted finish."""
+        return await self.configure(name, VersionPolicy.parse("none"))
+
+    def check_control(self) -> None:
+        """FAILED_PRECONDITION unless the server was started with ``--model-control``."""
+        if not self.model_control:
+            raise FailedPrecondition(
+                "model control is off: this server changes what it serves only through its "
+                "model folder (start it with --model-control to load, unload and relabel)"
+            )

@@ -16,7 +16,10 @@ batcher stops (which finishes every call already admitted for it), and only then
 unloaded. Labels (``MODEL_DIR/labels.json``: ``{"stable": 2, "canary": 3}``) are re-read
 whenever the file changes; a label pointing at a version that is not loaded is logged and
 ignored. Unpinned calls go to the default: the ``stable`` label if set, else the newest
-loaded version.
+loaded version. A version policy in ``MODEL_DIR/policy.json`` (``{"version_policy":
+"latest:2"}``) overrides ``--version-policy`` for the model. Management calls
+(:meth:`ModelManager.configure`) change both files and apply them at once; every replica and
+worker on the same folder follows within its poll.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from server.batcher import DynamicBatcher, ModelFn
-from server.errors import NotFound, Unavailable
+from server.errors import FailedPrecondition, NotFound, Unavailable
 from server.metrics import ServerMetrics
 from server.monitoring import ModelMonitoring, VersionMonitor
 from server.versions import (
@@ -48,8 +51,8 @@ from server.versions import (
 )
 
 log = logging.getLogger(__name__)
-WAITING_LOG_SECONDS = 30.0  # while no version serves, the reason is logged this often
 LABELS_FILE = "labels.json"  # MODEL_DIR/labels.json: {"stable": 2, "canary": 3}
+POLICY_FILE = "policy.json"  # MODEL_DIR/policy.json: {"version_policy": "latest:2"}
 DEFAULT_LABEL = "stable"  # unpinned calls go to this label's version when it is set
 
 
@@ -59,6 +62,22 @@ class VersionLoader(Protocol):
     def __call__(
         self, model_dir: Path, version: int, runtime: str, threads: int, max_batch: int
     ) -> LoadedModel: ...
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """A version of a model as the repository calls list it."""
+
+    version: int
+    state: str  # READY, UNLOADING or UNAVAILABLE (Triton's words)
+    reason: str  # why it is not READY ("" when it is)
+
+
+class KeepType:
+    """The type of :data:`KEEP`: "leave this unchanged" in :meth:`ModelManager.configure`."""
+
+
+KEEP = KeepType()
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,7 @@ class Routes:
         return text
 
 
-BatcherFactory = Callable[[ModelFn, int], DynamicBatcher]  # (model call, version)
+BatcherFactory = Callable[[ModelFn, LoadedModel], DynamicBatcher]  # (model call, version)
 
 
 class ModelManager:
@@ -123,7 +142,9 @@ class ModelManager:
         self.pinned_version = pinned_version
         if pinned_version is not None:
             policy = VersionPolicy(latest=None, specific=(pinned_version,))
-        self.policy = policy if policy is not None else VersionPolicy()
+        self.default_policy = policy if policy is not None else VersionPolicy()
+        self.policy = self.default_policy  # policy.json's when it has one
+        self._policy_text: bytes | None = None  # policy.json as last read
         self.model_name = model_name
         self.runtime = runtime
         self.threads = threads
@@ -141,7 +162,7 @@ class ModelManager:
         self._incomplete: dict[int, tuple[int, ...]] = {}  # version -> its stamp then
         self.last_failure: LoadFailure | None = None
         self._load_lock = threading.Lock()
-        self._next_waiting_log = 0.0  # time.monotonic() of the next "not serving" warning
+        self._configure_lock = threading.Lock()  # one management change at a time
 
     @property
     def current(self) -> LoadedModel | None:
@@ -172,7 +193,8 @@ class ModelManager:
         failure is logged, counted and kept in ``last_failure``.
         """
         with self._load_lock:
-            changed = self._read_labels()
+            changed = self._read_policy()
+            changed = self._read_labels() or changed
             while True:
                 wanted = self.policy.choose(self._candidates())
                 missing = [v for v in wanted if v not in self.routes.versions]
@@ -217,12 +239,13 @@ class ModelManager:
 
     def _serve(self, model: LoadedModel) -> None:
         """A checked version: its monitor and batcher, then reachable."""
+        model.name = self.model_name
         monitor = None
         if self.monitoring is not None:
-            monitor = self.monitoring.start(model.version, model.profile)
+            monitor = self.monitoring.start(model.name, model.version, model.profile)
         hist = self._metrics.compute_seconds.labels(model.device)
         if self._make_batcher is not None:
-            model.batcher = self._make_batcher(self._model_fn(model, hist, monitor), model.version)
+            model.batcher = self._make_batcher(self._model_fn(model, hist, monitor), model)
             if self._loop is not None:
                 model.batcher.start(self._loop)
         previous = self.routes.default
@@ -253,7 +276,8 @@ class ModelManager:
         and only then let it go."""
         model = self.routes.versions[version]
         self._publish({v: m for v, m in self.routes.versions.items() if v != version})
-        log.info("unloading version %d (not in the policy %s)", version, self.policy)
+        log.info("model '%s': unloading version %d (not in the policy %s)", self.model_name,
+                 version, self.policy)  # fmt: skip
         batcher = model.batcher
         if batcher is None or self._loop is None or not batcher.started:
             self._finish_unload(model)
@@ -271,7 +295,7 @@ class ModelManager:
 
     def _finish_unload(self, model: LoadedModel) -> None:
         if self.monitoring is not None and self.routes.versions.get(model.version) is None:
-            self.monitoring.stop(model.version)
+            self.monitoring.stop(model.name, model.version)
         self._metrics.drop_model(model)
         self.unloaded.append(model.version)
         log.info("unloaded version %d; its calls in flight finished", model.version)
@@ -302,7 +326,7 @@ class ModelManager:
             default = versions[max(versions)]
         previous = self.routes.default
         self.routes = Routes(versions, labels, default)
-        self._metrics.set_models(list(versions.values()), default)
+        self._metrics.set_models(self.model_name, list(versions.values()), default)
         if default is not None and previous is not None and default is not previous:
             log.info("unpinned calls now go to version %d (was %d)", default.version,
                      previous.version)  # fmt: skip
@@ -341,6 +365,107 @@ class ModelManager:
         self._label_spec = spec
         return True
 
+    def _read_policy(self) -> bool:
+        """Re-read ``policy.json`` when it changed (absent: ``--version-policy``); True when
+        the policy changed."""
+        path = self.model_dir / POLICY_FILE
+        try:
+            text: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            text = None
+        except OSError as err:
+            log.error("%s is not readable, policy unchanged: %s", path, err)
+            return False
+        if text == self._policy_text:
+            return False
+        self._policy_text = text
+        policy = self.default_policy
+        if text is not None:
+            try:
+                data = json.loads(text)
+                if not isinstance(data, dict) or not isinstance(data.get("version_policy"), str):
+                    raise ValueError('not a JSON object {"version_policy": "latest:N"}')
+                policy = VersionPolicy.parse(data["version_policy"])
+            except ValueError as err:
+                log.error("%s is not valid, policy unchanged: %s", path, err)
+                return False
+        if policy == self.policy:
+            return False
+        log.info("model '%s': version policy now %s", self.model_name, policy)
+        self.policy = policy
+        return True
+
+    # --- management (server.core's repository calls): write the files, apply them now
+
+    def configure(
+        self,
+        policy: VersionPolicy | None | KeepType = KEEP,
+        labels: Mapping[str, int] | None = None,
+    ) -> None:
+        """Change what serves, as a management call asks, and apply it before returning
+        (blocking: run it in a worker thread). ``policy``: the model's version policy (None:
+        back to ``--version-policy``; :data:`KEEP`: unchanged); ``labels``: the whole new
+        label set (None: unchanged), each pointing at a version loaded once the policy is
+        applied. The change goes into the model folder's files, so every replica and worker
+        on it follows.
+
+        Raises:
+            FailedPrecondition: a label points at a version that is not loaded, or the
+                folder cannot be written (nothing is changed then).
+        """
+        with self._configure_lock:
+            if not isinstance(policy, KeepType):
+                text = None if policy is None else {"version_policy": str(policy)}
+                self._write(POLICY_FILE, text)
+                self.refresh()
+            if labels is not None:
+                routes = self.routes
+                for name, version in sorted(labels.items()):
+                    if version not in routes.versions:
+                        raise FailedPrecondition(
+                            f"label '{name}' cannot point at version {version} of model "
+                            f"'{self.model_name}': it is not loaded; {routes.loaded()}"
+                        )
+                self._write(LABELS_FILE, dict(labels) if labels else None)
+                self.refresh()
+
+    def _write(self, name: str, data: dict[str, Any] | None) -> None:
+        """Replace (or with None remove) a file of the model folder in one step."""
+        path = self.model_dir / name
+        try:
+            if data is None:
+                path.unlink(missing_ok=True)
+                return
+            partial = path.with_name(f".{name}.{threading.get_ident()}.tmp")
+            partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            partial.replace(path)  # atomic: a reader sees the old file or the new one
+        except OSError as err:
+            raise FailedPrecondition(
+                f"cannot change {path} (is the model repository read-only?): {err.strerror}"
+            ) from None
+
+    def version_states(self) -> list[VersionState]:
+        """Every version on disk or loaded, ascending, with its state and why: READY
+        (loaded), UNLOADING (finishing its calls), UNAVAILABLE (failed, incomplete, or not
+        in the policy)."""
+        routes = self.routes
+        states = []
+        for version in sorted(set(list_versions(self.model_dir)) | set(routes.versions)
+                              | set(self.unloading)):  # fmt: skip
+            failure = self._failures.get(version)
+            if version in routes.versions:
+                state, reason = "READY", ""
+            elif version in self.unloading and not self.unloading[version].done():
+                state, reason = "UNLOADING", "finishing the calls it admitted"
+            elif failure is not None:
+                state, reason = "UNAVAILABLE", failure.reason
+            elif version in self._incomplete:
+                state, reason = "UNAVAILABLE", "incomplete (still being written?)"
+            else:
+                state, reason = "UNAVAILABLE", f"not in the version policy {self.policy}"
+            states.append(VersionState(version, state, reason))
+        return states
+
     def waiting_for(self) -> str | None:
         """While no version serves: why, in one line (what is missing); else None."""
         if self.current is not None:
@@ -362,30 +487,6 @@ class ModelManager:
         if not versions:
             return f"{folder} holds no version yet (MODEL_DIR/1/, MODEL_DIR/2/, ...)"
         return None
-
-    def warn_if_waiting(self) -> None:
-        """Log why no version serves (a WARNING), at most every :data:`WAITING_LOG_SECONDS`."""
-        reason = self.waiting_for()
-        now = time.monotonic()
-        if reason is not None and now >= self._next_waiting_log:
-            log.warning("not serving: %s", reason)
-            self._next_waiting_log = now + WAITING_LOG_SECONDS
-
-    async def watch(self, poll_seconds: float, on_swap: Callable[[], Awaitable[object]]) -> None:
-        """Check the folder every ``poll_seconds`` for versions and labels; await ``on_swap``
-        after each change. Runs until cancelled (a pinned version is never left, but its
-        labels may still change)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            self.warn_if_waiting()
-            await asyncio.sleep(poll_seconds)
-            try:
-                swapped = await loop.run_in_executor(None, self.refresh)
-            except Exception:  # a watcher that dies silently would freeze the version
-                log.exception("model refresh failed")
-                continue
-            if swapped:
-                await on_swap()
 
     def _stamp(self, version: int) -> tuple[int, ...]:
         """What changes when any file of the version is added, removed, grown or rewritten."""

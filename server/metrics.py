@@ -158,25 +158,25 @@ class ServerMetrics:
         )  # fmt: skip
         self.model = Gauge(
             "mnist_model_info",
-            "1 for the model version being served, with where and on which runtime it runs.",
-            ["version", "architecture", "device", "runtime"],
+            "1 for each loaded model version, with where and on which runtime it runs.",
+            ["model", "version", "architecture", "device", "runtime"],
             registry=r,
             multiprocess_mode="livemax",
         )
         self.model_version = Gauge(
             "mnist_model_version",
-            "The default model version (what calls that pin no version or label get).",
-            registry=r, multiprocess_mode="livemax",
+            "Each model's default version (what calls that pin no version or label get).",
+            ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.model_memory = Gauge(
             "mnist_model_memory_bytes",
             "Estimated memory a loaded version holds (the size of the model file it loaded).",
-            ["version"], registry=r, multiprocess_mode="livemax",
+            ["model", "version"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.version_requests = Counter(
             "mnist_version_requests_total",
             "Requests answered by each model version (any protocol; counted per model call).",
-            ["version"], registry=r,
+            ["model", "version"], registry=r,
         )  # fmt: skip
         self.model_loads = Counter(
             "mnist_model_loads_total",
@@ -233,24 +233,26 @@ class ServerMetrics:
         for gauge, read in self._live:
             gauge.set(read())
 
-    def set_models(self, loaded: list[LoadedModel], default: LoadedModel | None) -> None:
-        """Record which versions are loaded (1 each in ``mnist_model_info``) and the default,
-        after a load, an unload or a relabel."""
+    def set_models(
+        self, name: str, loaded: list[LoadedModel], default: LoadedModel | None
+    ) -> None:
+        """Record which versions of model ``name`` are loaded (1 each in
+        ``mnist_model_info``) and its default, after a load, an unload or a relabel."""
         for model in loaded:
             self.model.labels(*_model_labels(model)).set(1)
-            self.model_memory.labels(str(model.version)).set(model.memory_bytes)
+            self.model_memory.labels(model.name, str(model.version)).set(model.memory_bytes)
         if default is not None:
-            self.model_version.set(default.version)
+            self.model_version.labels(name).set(default.version)
 
     def drop_model(self, model: LoadedModel) -> None:
         """A version is unloaded: its series go (0 in a worker's file in multiprocess mode)."""
         labels = _model_labels(model)
         self.model.labels(*labels).set(0)
-        self.model_memory.labels(str(model.version)).set(0)
+        self.model_memory.labels(model.name, str(model.version)).set(0)
         if not self.multiprocess:
             self.model.remove(*labels)
-            self.model_memory.remove(str(model.version))
+            self.model_memory.remove(model.name, str(model.version))
 
 
-def _model_labels(model: LoadedModel) -> tuple[str, str, str, str]:
-    return str(model.version), model.architecture, model.device, model.runtime_name
+def _model_labels(model: LoadedModel) -> tuple[str, str, str, str, str]:
+    return model.name, str(model.version), model.architecture, model.device, model.runtime_name

@@ -199,10 +199,12 @@ class VersionMonitor:
     SAMPLE_PER_BATCH = 4  # images of a batch whose input statistics are computed
 
     def __init__(
-        self, version: int, profile: Profile, window_seconds: float,
+        self, model: str, version: int, profile: Profile, window_seconds: float,
         payload_log: PayloadLog | None = None,
     ) -> None:  # fmt: skip
+        self.model = model
         self.version = str(version)
+        self.labels = (model, self.version)  # its series' model and version labels
         self.profile = profile
         self.binning = Binning(profile.edges)
         n, width = len(SIGNALS), self.binning.width
@@ -242,7 +244,7 @@ class VersionMonitor:
             self._images[self._sampled : self._sampled + len(sample)] = sample
             self._sampled += len(sample)
         if self.payload_log is not None:
-            self.payload_log.sample(self.version, images, probabilities)
+            self.payload_log.sample(self.model, self.version, images, probabilities)
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """The cumulative bin counts and sums, with what is buffered counted first (the
@@ -307,27 +309,27 @@ class ModelMonitoring:
     def __init__(self, window_seconds: float, payload_log: PayloadLog | None = None) -> None:
         self.window_seconds = window_seconds
         self.payload_log = payload_log
-        self.versions: dict[str, VersionMonitor] = {}
-        self.unmonitored: set[str] = set()
+        self.versions: dict[tuple[str, str], VersionMonitor] = {}  # by (model, version)
+        self.unmonitored: set[tuple[str, str]] = set()
 
-    def start(self, version: int, profile: Profile | None) -> VersionMonitor | None:
-        """A version is loaded: its monitor, or None when it has no profile."""
+    def start(self, model: str, version: int, profile: Profile | None) -> VersionMonitor | None:
+        """A version of ``model`` is loaded: its monitor, or None when it has no profile."""
         if profile is None:
             log.warning(
-                "version %d has no %s (exported before model monitoring): it serves without "
-                "model-quality metrics",
-                version, PROFILE_FILE,
+                "version %d of model '%s' has no %s (exported before model monitoring): it "
+                "serves without model-quality metrics",
+                version, model, PROFILE_FILE,
             )  # fmt: skip
-            self.unmonitored.add(str(version))
+            self.unmonitored.add((model, str(version)))
             return None
-        monitor = VersionMonitor(version, profile, self.window_seconds, self.payload_log)
-        self.versions[monitor.version] = monitor
+        monitor = VersionMonitor(model, version, profile, self.window_seconds, self.payload_log)
+        self.versions[monitor.labels] = monitor
         return monitor
 
-    def stop(self, version: int) -> None:
+    def stop(self, model: str, version: int) -> None:
         """A version no longer serves: its series go with it."""
-        self.versions.pop(str(version), None)
-        self.unmonitored.discard(str(version))
+        self.versions.pop((model, str(version)), None)
+        self.unmonitored.discard((model, str(version)))
 
     def close(self) -> None:
         if self.payload_log is not None:
@@ -340,13 +342,13 @@ class ModelMonitoring:
         monitored = GaugeMetricFamily(
             "mnist_model_monitored",
             "1 when the version has a reference profile (model-quality metrics), else 0.",
-            labels=["version"],
+            labels=["model", "version"],
         )
-        for version in sorted(self.unmonitored):
-            monitored.add_metric([version], 0)
-        monitors = sorted(self.versions.values(), key=lambda m: int(m.version))
+        for labels in sorted(self.unmonitored):
+            monitored.add_metric(list(labels), 0)
+        monitors = sorted(self.versions.values(), key=lambda m: (m.model, int(m.version)))
         for monitor in monitors:
-            monitored.add_metric([monitor.version], 1)
+            monitored.add_metric(list(monitor.labels), 1)
         yield monitored
         if self.payload_log is not None:
             records = CounterMetricFamily(
@@ -365,18 +367,18 @@ class ModelMonitoring:
     @staticmethod
     def _cumulative(monitors: list[VersionMonitor]) -> Iterator[Metric]:
         digits = CounterMetricFamily(
-            "mnist_predictions", "Answers given, by predicted digit.", labels=["version", "digit"]
+            "mnist_predictions", "Answers given, by predicted digit.", labels=["model", "version", "digit"]
         )
         reference = GaugeMetricFamily(
             "mnist_reference_digit_share",
             "Share of each predicted digit on the reference (the training run's test set).",
-            labels=["version", "digit"],
+            labels=["model", "version", "digit"],
         )
         histograms = {
             name: HistogramMetricFamily(
                 f"mnist_{'prediction' if name == 'confidence' else 'input'}_{name}",
                 _HISTOGRAM_HELP[name],
-                labels=["version"],
+                labels=["model", "version"],
             )
             for name in (*STATISTICS, "confidence")
         }
@@ -384,14 +386,14 @@ class ModelMonitoring:
             totals, sums = m.snapshot()
             digit = SIGNALS.index("digit")
             for d in range(10):
-                digits.add_metric([m.version, str(d)], float(totals[digit, d]))
-                reference.add_metric([m.version, str(d)], m.profile.shares["digit"][d])
+                digits.add_metric([*m.labels, str(d)], float(totals[digit, d]))
+                reference.add_metric([*m.labels, str(d)], m.profile.shares["digit"][d])
             for name, family in histograms.items():
                 j = SIGNALS.index(name)
                 cumulative = np.cumsum(totals[j, : m.binning.sizes[j]])
                 les = [*map(_le, m.profile.edges[name]), "+Inf"]
                 buckets = [(le, float(c)) for le, c in zip(les, cumulative, strict=True)]
-                family.add_metric([m.version], buckets, float(sums[j]))
+                family.add_metric(list(m.labels), buckets, float(sums[j]))
         yield digits
         yield reference
         yield from histograms.values()
@@ -402,35 +404,35 @@ class ModelMonitoring:
             "mnist_drift_psi",
             "Population stability index of each signal over the drift window against the "
             "reference (absent while the window holds too few images).",
-            labels=["version", "signal"],
+            labels=["model", "version", "signal"],
         )
         score = GaugeMetricFamily(
             "mnist_drift_score",
             f"The largest mnist_drift_psi of the version; above {DRIFT_THRESHOLD}: drift.",
-            labels=["version"],
+            labels=["model", "version"],
         )
         low = GaugeMetricFamily(
             "mnist_low_confidence_share",
             f"Share of answers over the drift window with confidence <= {LOW_CONFIDENCE}.",
-            labels=["version"],
+            labels=["model", "version"],
         )
         low_reference = GaugeMetricFamily(
             "mnist_reference_low_confidence_share",
             f"The same share on the reference (confidence <= {LOW_CONFIDENCE}).",
-            labels=["version"],
+            labels=["model", "version"],
         )
         window = GaugeMetricFamily(
-            "mnist_drift_window_images", "Images in the drift window.", labels=["version"]
+            "mnist_drift_window_images", "Images in the drift window.", labels=["model", "version"]
         )
         for m in monitors:
             scores, low_share, images = m.drift()
             for name, value in scores.items():
-                per_signal.add_metric([m.version, name], value)
+                per_signal.add_metric([*m.labels, name], value)
             if scores:
-                score.add_metric([m.version], max(scores.values()))
-            low.add_metric([m.version], low_share)
-            low_reference.add_metric([m.version], sum(m.profile.shares["confidence"][: m.low_bins]))
-            window.add_metric([m.version], images)
+                score.add_metric(list(m.labels), max(scores.values()))
+            low.add_metric(list(m.labels), low_share)
+            low_reference.add_metric(list(m.labels), sum(m.profile.shares["confidence"][: m.low_bins]))
+            window.add_metric(list(m.labels), images)
         yield from (per_signal, score, low, low_reference, window)
 
 
@@ -478,7 +480,9 @@ class PayloadLog:
         self._listener = logging.handlers.QueueListener(self._queue, handler)
         self._listener.start()
 
-    def sample(self, version: str, images: np.ndarray, probabilities: np.ndarray) -> None:
+    def sample(
+        self, model: str, version: str, images: np.ndarray, probabilities: np.ndarray
+    ) -> None:
         """Queue a record for each sampled image of a batch (batcher thread; never blocks)."""
         chosen = np.flatnonzero(self._rng.random(len(images)) < self.share)
         if not len(chosen):
@@ -488,6 +492,7 @@ class PayloadLog:
         for row, i in enumerate(chosen):
             record: dict[str, Any] = {
                 "time": round(now, 6),
+                "model": model,
                 "version": int(version),
                 "image_sha256": hashlib.sha256(images[i].tobytes()).hexdigest(),
                 "digit": int(values[row, -1]),

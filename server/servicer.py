@@ -100,9 +100,10 @@ class DigitClassifier:
     async def get_model_info(self, raw: bytes, call: Call) -> bytes:
         pin = wire.parse_model_info(raw)
         model = self._resolve(pin)
-        routes = self._core.manager.routes
+        manager = self._core.repository.model(model.name)
+        routes = manager.routes
         s = self._settings
-        failure = self._core.manager.last_failure
+        failure = manager.last_failure
         return pb.GetModelInfoResponse(
             model_version=model.version,
             architecture=model.architecture,

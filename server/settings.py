@@ -94,7 +94,19 @@ class Settings:
     )
     model_name: str = field(
         default="mnist",
-        metadata=_help("the model's name in the KServe v2 and TensorFlow Serving protocols"),
+        metadata=_help(
+            "the model calls get when they name none, and the name of the one model in the "
+            "MODEL_DIR/<version>/ layout (MODEL_DIR/<name>/<version>/ names each model)"
+        ),
+    )
+    model_control: bool = field(
+        default=False,
+        metadata=_help(
+            "on: the repository calls may load, unload and relabel models at run time (Triton "
+            "RepositoryModelLoad/Unload, TF Serving HandleReloadConfigRequest, mnist.v1 "
+            "ConfigureModel; they write the model folder, and need the token with "
+            "--auth-token-file); off: only the model folder changes what serves"
+        ),
     )
     model_threads: int = field(
         default=0, metadata=_help("threads per model call (0 = one per core)")

@@ -51,14 +51,15 @@ FILES_KEY = "files"  # metadata: {relative path: {"sha256": ..., "bytes": ...}},
 @dataclass(frozen=True)
 class VersionPolicy:
     """Which versions of a model are loaded, as TF Serving and Triton say it: the newest
-    ``latest`` ones (``latest:N``), ``all``, or ``specific`` versions."""
+    ``latest`` ones (``latest:N``), ``all``, or ``specific`` versions; ``none`` is a model
+    unloaded by a management call (Triton's RepositoryModelUnload)."""
 
-    latest: int | None = 1  # None: not a latest-N policy
+    latest: int | None = 1  # None: not a latest-N policy; 0: none
     specific: tuple[int, ...] = ()  # the versions of a specific policy
 
     @classmethod
     def parse(cls, text: str) -> VersionPolicy:
-        """``latest:N``, ``all`` or ``specific:V1,V2,...``.
+        """``latest:N``, ``all``, ``specific:V1,V2,...`` or ``none``.
 
         Raises:
             ValueError: anything else (the message shows the forms).
@@ -69,6 +70,8 @@ class VersionPolicy:
                 return cls(latest=int(rest or "1"))
             if kind == "all" and not rest:
                 return cls(latest=None)
+            if kind == "none" and not rest:
+                return cls(latest=0)
             if kind == "specific":
                 versions = tuple(sorted({int(v) for v in rest.split(",")}))
                 if versions and min(versions) >= 0:
@@ -76,7 +79,7 @@ class VersionPolicy:
         except ValueError:
             pass
         raise ValueError(
-            f"version policy {text!r} is not latest:N (N >= 1), all or specific:V1,V2,..."
+            f"version policy {text!r} is not latest:N (N >= 1), all, specific:V1,V2,... or none"
         )
 
     def choose(self, candidates: list[int]) -> list[int]:
@@ -85,11 +88,13 @@ class VersionPolicy:
             return [v for v in candidates if v in self.specific]
         if self.latest is None:
             return list(candidates)
-        return candidates[-self.latest :]
+        return candidates[-self.latest :] if self.latest else []
 
     def __str__(self) -> str:
         if self.specific:
             return "specific:" + ",".join(map(str, self.specific))
+        if self.latest == 0:
+            return "none"
         return "all" if self.latest is None else f"latest:{self.latest}"
 
 
@@ -188,6 +193,7 @@ class LoadedModel:
     runtime: Runtime
     metadata: dict[str, Any]
     load_seconds: float = 0.0
+    name: str = ""  # the model's name (set by its manager once loaded)
     profile: Profile | None = None  # the reference for model monitoring, when it has one
     # the batcher of this version alone (batches never mix versions), set once it serves
     batcher: DynamicBatcher | None = field(default=None, repr=False, compare=False)

@@ -73,7 +73,7 @@ def test_hot_reload_under_traffic_rejects_bad_versions_and_loses_nothing(
             first_new = seen_by_one.index(3)
             assert set(seen_by_one[:first_new]) == {1}
             assert set(seen_by_one[first_new:]) == {3}
-        assert srv.metric("mnist_model_version") == 3
+        assert srv.metric("mnist_model_version", model="mnist") == 3
         assert srv.metric("mnist_model_loads_total", result="failed") == 1  # v2 tried once
     finally:
         assert srv.stop() == 0
@@ -316,9 +316,9 @@ def test_version_policy_labels_and_pinning_on_the_real_server(
         for seen_by_one in traffic.by_worker:
             first_new = seen_by_one.index(4)
             assert set(seen_by_one[:first_new]) == {2} and set(seen_by_one[first_new:]) == {4}
-        assert srv.metric("mnist_model_version") == 4
-        assert srv.metric("mnist_model_memory_bytes", version="4") > 0
-        assert srv.metric_or_none("mnist_model_memory_bytes", version="2") is None  # unloaded
-        assert srv.metric("mnist_version_requests_total", version="2") > 0
+        assert srv.metric("mnist_model_version", model="mnist") == 4
+        assert srv.metric("mnist_model_memory_bytes", model="mnist", version="4") > 0
+        assert srv.metric_or_none("mnist_model_memory_bytes", model="mnist", version="2") is None  # unloaded
+        assert srv.metric("mnist_version_requests_total", model="mnist", version="2") > 0
     finally:
         assert srv.stop() == 0

@@ -96,7 +96,7 @@ def test_the_profile_bins_the_reference_in_tenths_and_reads_back(
 
 def test_the_alert_rules_use_the_servers_thresholds() -> None:
     rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
-    assert f"max by (instance, version) (mnist_drift_score) > {DRIFT_THRESHOLD}" in rules
+    assert f"max by (instance, model, version) (mnist_drift_score) > {DRIFT_THRESHOLD}" in rules
     assert f"mnist_drift_window_images >= {MIN_WINDOW_IMAGES}" in rules
 
 
@@ -171,17 +171,17 @@ def test_the_exported_metrics_count_every_answer_by_version(
     monitoring = ModelMonitoring(window_seconds=60)
     registry.register(monitoring)
     profile = Profile.build(reference, _probabilities(reference))
-    monitor = monitoring.start(3, profile)
-    assert monitor is not None and monitoring.start(2, None) is None
+    monitor = monitoring.start("mnist", 3, profile)
+    assert monitor is not None and monitoring.start("mnist", 2, None) is None
     images = clean[:1000]
     for size in (1, 7, 64, 300, 5000):  # every batch size, one larger than the buffer
         part = images[:size] if size <= len(images) else np.resize(images, (size, 28, 28))
         monitor.observe(part, _probabilities(part))
     n = 1 + 7 + 64 + 300 + 5000
     samples = _samples(registry)
-    v3 = (("version", "3"),)
+    v3 = (("model", "mnist"), ("version", "3"))
     assert samples[("mnist_model_monitored", v3)] == 1
-    assert samples[("mnist_model_monitored", (("version", "2"),))] == 0
+    assert samples[("mnist_model_monitored", (("model", "mnist"), ("version", "2")))] == 0
     digits = {k: v for k, v in samples.items() if k[0] == "mnist_predictions_total"}
     assert sum(digits.values()) == n
     expected = np.bincount(
@@ -197,7 +197,7 @@ def test_the_exported_metrics_count_every_answer_by_version(
     assert samples[("mnist_input_mean_intensity_count", v3)] == 1 + 4 * per_batch
     assert samples[("mnist_drift_window_images", v3)] == n
     assert ("mnist_drift_score", v3) not in samples or samples[("mnist_drift_score", v3)] >= 0
-    monitoring.stop(3)
+    monitoring.stop("mnist", 3)
     assert not any(dict(k[1]).get("version") == "3" for k in _samples(registry))
 
 
@@ -244,8 +244,8 @@ def test_a_version_without_a_profile_serves_and_says_so(
     try:
         with DigitClient(server.target) as client:
             assert len(client.batch_predict(mnist[1][:50]).digits) == 50
-        assert server.metric("mnist_model_monitored", version="1") == 0
-        assert server.metric_or_none("mnist_predictions_total", version="1", digit="1") is None
+        assert server.metric("mnist_model_monitored", model="mnist", version="1") == 0
+        assert server.metric_or_none("mnist_predictions_total", model="mnist", version="1", digit="1") is None
         assert "version 1 has no profile.json (exported before model monitoring)" in server.log()
     finally:
         assert server.stop() == 0

@@ -176,8 +176,9 @@ def test_metrics_page_has_every_metric(server: ServerProcess) -> None:
         "mnist_batch_size_images_bucket",
         "mnist_queue_images",
         "mnist_inflight_requests",
-        'mnist_model_info{architecture="mlp",device="cpu",runtime="litert",version="1"} 1.0',
-        "mnist_model_version 1.0",
+        'mnist_model_info{architecture="mlp",device="cpu",model="mnist",runtime="litert",'
+        'version="1"} 1.0',
+        'mnist_model_version{model="mnist"} 1.0',
         "mnist_serving 1.0",
     ):
         assert name in text, name

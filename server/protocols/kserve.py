@@ -117,14 +117,14 @@ class KServe:
         model = self._resolve(request.name, request.version)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
-            name=self._core.model_name,
+            name=model.name,
             # the version asked for, or (none asked) every loaded one, the default's first
             versions=[str(model.version)]
             + (
                 []
                 if request.version
                 else [
-                    str(v) for v in sorted(self._core.manager.routes.versions) if v != model.version
+                    str(v) for v in sorted(self._core.routes(model).versions) if v != model.version
                 ]
             ),
             platform=model.runtime_name,
@@ -138,7 +138,7 @@ class KServe:
         s = self._settings
         return triton.ModelConfigResponse(
             config=triton.ModelConfig(
-                name=self._core.model_name,
+                name=model.name,
                 platform=model.runtime_name,
                 backend=SERVER_NAME,
                 runtime=model.runtime_name,
@@ -157,12 +157,12 @@ class KServe:
 
     async def model_statistics(self, raw: bytes, call: Call) -> bytes:
         request = parse(triton.ModelStatisticsRequest, raw)
-        name = request.name or self._core.model_name  # "" asks for every model: there is one
-        model = self._resolve(name, request.version)
+        # "" asks for every model; the statistics are the server's (every model's) alike
+        model = self._resolve(request.name, request.version)
         st = self._stats
         return triton.ModelStatisticsResponse(
             model_stats=[triton.ModelStatistics(
-                name=name,
+                name=model.name,
                 version=str(model.version),
                 last_inference=int(st.last_inference * 1000),
                 inference_count=st.images,
@@ -188,9 +188,7 @@ class KServe:
         images, model = self._images_of(request)
         call.images = len(images)
         answer = call.answer = await self._core.submit(images, model, call.deadline)
-        return _answer(
-            request, self._core.model_name, answer.probabilities, answer.versions
-        ).SerializeToString()
+        return _answer(request, model.name, answer.probabilities, answer.versions).SerializeToString()
 
     def _images_of(self, request: oip.ModelInferRequest) -> tuple[np.ndarray, LoadedModel]:
         """The request's images and the version for them, once its model (first, as
@@ -218,7 +216,8 @@ class KServe:
 
     def answer(self, key: Any, answer: Answer, total_s: float | None) -> bytes:
         """A ModelStreamInferResponse with the request's outputs (and its timing)."""
-        response = _answer(key, self._core.model_name, answer.probabilities, answer.versions)
+        response = _answer(key, key.model_name or self._core.model_name, answer.probabilities,
+                           answer.versions)  # fmt: skip
         if total_s is not None:
             # the unary call's server-timing trailer, as a response parameter (a stream has
             # one trailer for all its answers)

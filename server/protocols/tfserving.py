@@ -82,16 +82,13 @@ class TFServing:
         except UnknownLabel:
             raise InvalidArgument(
                 f"Unrecognized servable version label: {bounded(spec.version_label, 64)}; "
-                f"{self._core.manager.routes.loaded()}"
+                f"{self._core.repository.model(spec.name).routes.loaded()}"
             ) from None
         except NotFound:
             name = bounded(spec.name, 64)
             request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
-            loaded = (
-                ""
-                if spec.name != self._core.model_name
-                else (f"; {self._core.manager.routes.loaded()}")
-            )
+            served = self._core.repository.models.get(spec.name or self._core.model_name)
+            loaded = "" if served is None else f"; {served.routes.loaded()}"
             raise NotFound(f"Servable not found for request: {request}{loaded}") from None
         if spec.signature_name not in ("", SIGNATURE):  # TF Serving's status and words
             raise FailedPrecondition(
@@ -99,8 +96,8 @@ class TFServing:
             )
         return model
 
-    def _spec(self, version: int) -> tfs.ModelSpec:
-        spec = tfs.ModelSpec(name=self._core.model_name, signature_name=SIGNATURE)
+    def _spec(self, model: LoadedModel, version: int) -> tfs.ModelSpec:
+        spec = tfs.ModelSpec(name=model.name, signature_name=SIGNATURE)
         spec.version.value = version
         return spec
 
@@ -118,7 +115,7 @@ class TFServing:
         call.images = len(images)
         answer = call.answer = await self._core.submit(images, model, call.deadline)
         probs, versions = answer.probabilities, answer.versions
-        response = tfs.PredictResponse(model_spec=self._spec(int(versions[-1])))
+        response = tfs.PredictResponse(model_spec=self._spec(model, int(versions[-1])))
         out = response.outputs[OUTPUT_NAME]
         out.dtype = tf.DT_FLOAT
         out.tensor_shape.dim.add(size=len(probs))
@@ -145,7 +142,7 @@ class TFServing:
         )
         signatures = tfs.SignatureDefMap()
         signatures.signature_def[SIGNATURE].CopyFrom(signature)
-        response = tfs.GetModelMetadataResponse(model_spec=self._spec(model.version))
+        response = tfs.GetModelMetadataResponse(model_spec=self._spec(model, model.version))
         response.metadata["signature_def"].Pack(signatures)
         return response.SerializeToString()
 
@@ -155,7 +152,7 @@ class TFServing:
         model = self._served(spec)
         versions = [model.version]
         if not spec.HasField("version") and not spec.version_label:  # as TF Serving: all
-            versions = sorted(self._core.manager.routes.versions) or versions
+            versions = sorted(self._core.routes(model).versions) or versions
         statuses = [
             tfs.ModelVersionStatus(
                 version=version,

@@ -123,7 +123,7 @@ async def test_latest_2_loads_the_two_newest_and_a_new_one_replaces_the_oldest_o
     assert sorted(core.manager.routes.versions) == [2, 3]
     assert 1 not in _loader(core).runtimes  # never loaded
     assert core.resolve().version == 3  # the default: the newest
-    assert monitoring.unmonitored == {"2", "3"}  # a monitor (here: no profile) per version
+    assert monitoring.unmonitored == {("mnist", "2"), ("mnist", "3")}  # a monitor (here: no profile) per version
     answers = await asyncio.gather(
         core.infer(_images(2), None, version=2), core.infer(_images(3), None, version="3")
     )
@@ -136,7 +136,7 @@ async def test_latest_2_loads_the_two_newest_and_a_new_one_replaces_the_oldest_o
     assert _loader(core).reachable_at_load[4] == {2, 3}
     assert sorted(core.manager.routes.versions) == [3, 4]
     await until(lambda: core.manager.unloaded == [2])
-    assert monitoring.unmonitored == {"3", "4"}
+    assert monitoring.unmonitored == {("mnist", "3"), ("mnist", "4")}
     assert core.resolve().version == 4
     with pytest.raises(NotFound) as info:
         core.resolve(version=2)
