@@ -7,8 +7,9 @@ coalesce) -> batcher thread -> ``ModelManager.predict`` -> the version's runtime
 
 Where state lives: the served models in :class:`~server.repository.ModelRepository` (a
 :class:`~server.manager.ModelManager` per model); the queues in
-:class:`~server.batcher.DynamicBatcher`, one per loaded version (all the core's); calls in flight and the drain in
-:class:`~server.calls.CallTracker`; SERVING or not in :class:`~server.health.Health`.
+:class:`~server.batcher.DynamicBatcher`, one per loaded version (all the core's); calls in
+flight and the drain in :class:`~server.calls.CallTracker`; SERVING or not in
+:class:`~server.health.Health`.
 
 The protocols this server speaks are the one list :data:`PROTOCOLS`: each declares its
 services, methods and metrics label prefix (``server.protocols.base.ServingProtocol``);

@@ -303,7 +303,7 @@ class InferenceCore:
     async def configure(
         self,
         name: str,
-        policy: VersionPolicy | None | KeepType = KEEP,
+        policy: VersionPolicy | KeepType | None = KEEP,
         labels: Mapping[str, int] | None = None,
     ) -> ModelStatus:
         """Change a model's version policy and/or its labels and apply the change before

@@ -399,7 +399,7 @@ class ModelManager:
 
     def configure(
         self,
-        policy: VersionPolicy | None | KeepType = KEEP,
+        policy: VersionPolicy | KeepType | None = KEEP,
         labels: Mapping[str, int] | None = None,
     ) -> None:
         """Change what serves, as a management call asks, and apply it before returning

@@ -233,9 +233,7 @@ class ServerMetrics:
         for gauge, read in self._live:
             gauge.set(read())
 
-    def set_models(
-        self, name: str, loaded: list[LoadedModel], default: LoadedModel | None
-    ) -> None:
+    def set_models(self, name: str, loaded: list[LoadedModel], default: LoadedModel | None) -> None:
         """Record which versions of model ``name`` are loaded (1 each in
         ``mnist_model_info``) and its default, after a load, an unload or a relabel."""
         for model in loaded:

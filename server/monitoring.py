@@ -367,7 +367,9 @@ class ModelMonitoring:
     @staticmethod
     def _cumulative(monitors: list[VersionMonitor]) -> Iterator[Metric]:
         digits = CounterMetricFamily(
-            "mnist_predictions", "Answers given, by predicted digit.", labels=["model", "version", "digit"]
+            "mnist_predictions",
+            "Answers given, by predicted digit.",
+            labels=["model", "version", "digit"],
         )
         reference = GaugeMetricFamily(
             "mnist_reference_digit_share",
@@ -431,7 +433,9 @@ class ModelMonitoring:
             if scores:
                 score.add_metric(list(m.labels), max(scores.values()))
             low.add_metric(list(m.labels), low_share)
-            low_reference.add_metric(list(m.labels), sum(m.profile.shares["confidence"][: m.low_bins]))
+            low_reference.add_metric(
+                list(m.labels), sum(m.profile.shares["confidence"][: m.low_bins])
+            )
             window.add_metric(list(m.labels), images)
         yield from (per_signal, score, low, low_reference, window)
 

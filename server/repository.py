@@ -146,9 +146,7 @@ class ModelRepository:
         """While no version serves: why, in one line (what is missing); else None."""
         if self.current is not None:
             return None
-        reasons = [
-            (name, manager.waiting_for()) for name, manager in sorted(self.models.items())
-        ]
+        reasons = [(name, manager.waiting_for()) for name, manager in sorted(self.models.items())]
         if len(reasons) == 1:
             return reasons[0][1]
         return "; ".join(f"model '{name}': {why}" for name, why in reasons if why) or None

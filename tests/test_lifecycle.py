@@ -318,7 +318,9 @@ def test_version_policy_labels_and_pinning_on_the_real_server(
             assert set(seen_by_one[:first_new]) == {2} and set(seen_by_one[first_new:]) == {4}
         assert srv.metric("mnist_model_version", model="mnist") == 4
         assert srv.metric("mnist_model_memory_bytes", model="mnist", version="4") > 0
-        assert srv.metric_or_none("mnist_model_memory_bytes", model="mnist", version="2") is None  # unloaded
+        assert (
+            srv.metric_or_none("mnist_model_memory_bytes", model="mnist", version="2") is None
+        )  # unloaded
         assert srv.metric("mnist_version_requests_total", model="mnist", version="2") > 0
     finally:
         assert srv.stop() == 0

@@ -245,7 +245,10 @@ def test_a_version_without_a_profile_serves_and_says_so(
         with DigitClient(server.target) as client:
             assert len(client.batch_predict(mnist[1][:50]).digits) == 50
         assert server.metric("mnist_model_monitored", model="mnist", version="1") == 0
-        assert server.metric_or_none("mnist_predictions_total", model="mnist", version="1", digit="1") is None
+        assert (
+            server.metric_or_none("mnist_predictions_total", model="mnist", version="1", digit="1")
+            is None
+        )
         assert "version 1 has no profile.json (exported before model monitoring)" in server.log()
     finally:
         assert server.stop() == 0

@@ -188,7 +188,9 @@ class KServe:
         images, model = self._images_of(request)
         call.images = len(images)
         answer = call.answer = await self._core.submit(images, model, call.deadline)
-        return _answer(request, model.name, answer.probabilities, answer.versions).SerializeToString()
+        return _answer(
+            request, model.name, answer.probabilities, answer.versions
+        ).SerializeToString()
 
     def _images_of(self, request: oip.ModelInferRequest) -> tuple[np.ndarray, LoadedModel]:
         """The request's images and the version for them, once its model (first, as

@@ -139,7 +139,9 @@ async def test_every_protocol_pins_a_version_and_reaches_its_batcher(
         # the per-version request counter: Predict, BatchPredict, 2 streamed images, KServe
         # and TF Serving each
         for version in (1, 2, 3):
-            assert fake.count("mnist_version_requests_total", model="mnist", version=str(version)) == 6
+            assert (
+                fake.count("mnist_version_requests_total", model="mnist", version=str(version)) == 6
+            )
         unpinned = await client.predict(IMAGE, timeout=10)
         info = await client.model_info(timeout=10)
     assert unpinned.model_version == 3  # the default: the newest loaded

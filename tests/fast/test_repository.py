@@ -123,7 +123,10 @@ async def test_latest_2_loads_the_two_newest_and_a_new_one_replaces_the_oldest_o
     assert sorted(core.manager.routes.versions) == [2, 3]
     assert 1 not in _loader(core).runtimes  # never loaded
     assert core.resolve().version == 3  # the default: the newest
-    assert monitoring.unmonitored == {("mnist", "2"), ("mnist", "3")}  # a monitor (here: no profile) per version
+    assert monitoring.unmonitored == {
+        ("mnist", "2"),
+        ("mnist", "3"),
+    }  # a monitor (here: no profile) per version
     answers = await asyncio.gather(
         core.infer(_images(2), None, version=2), core.infer(_images(3), None, version="3")
     )
