@@ -80,10 +80,12 @@ def write_fake_version(model_dir: Path, version: int, architecture: str = "fake"
 class FakeLoader:
     """A version loader (``server.manager.VersionLoader``) that reads and checks a version's
     metadata and files as the real one does, then serves it with a :class:`FakeRuntime`.
-    ``runtimes`` keeps each loaded version's runtime, by version."""
+    ``runtimes`` keeps each loaded version's runtime, by version (of any model: the last
+    loaded), ``models`` by model folder name and version."""
 
     def __init__(self) -> None:
         self.runtimes: dict[int, FakeRuntime] = {}
+        self.models: dict[tuple[str, int], FakeRuntime] = {}
 
     def __call__(
         self, model_dir: Path, version: int, runtime: str, threads: int, max_batch: int
@@ -94,7 +96,7 @@ class FakeLoader:
             check_complete(path, metadata)
         except VersionIncomplete as err:
             raise VersionIncomplete(f"version {version} is incomplete: {err}") from err
-        fake = self.runtimes[version] = FakeRuntime()
+        fake = self.runtimes[version] = self.models[(model_dir.name, version)] = FakeRuntime()
         return LoadedModel(version, path, fake, metadata)
 
 
