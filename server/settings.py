@@ -212,7 +212,7 @@ class Settings:
         default=None,
         metadata=_help(
             "write a sample of requests (image hash, statistics, prediction, confidence, "
-            "version, time) as rotating JSON lines here; unset: no payload log"
+            "model, version, time) as rotating JSON lines here; unset: no payload log"
         ),
     )
     payload_log_percent: float = field(

@@ -118,7 +118,9 @@ def _bad_kinds(x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _monitor(reference: np.ndarray, window_seconds: float = 60) -> VersionMonitor:
-    return VersionMonitor(3, Profile.build(reference, _probabilities(reference)), window_seconds)
+    return VersionMonitor(
+        "mnist", 3, Profile.build(reference, _probabilities(reference)), window_seconds
+    )
 
 
 def _feed(monitor: VersionMonitor, images: np.ndarray, batch: int = 4) -> None:
@@ -209,23 +211,24 @@ def test_the_payload_log_samples_rotates_and_never_blocks(
     images = clean[:2000]
     for i in range(0, len(images), 100):
         part = images[i : i + 100]
-        payloads.sample("4", part, _probabilities(part))
+        payloads.sample("mnist", "4", part, _probabilities(part))
     payloads.close()
     files = sorted((tmp_path / "log").iterdir())
     assert 1 < len(files) <= 5  # rotated at max_bytes / 5, 4 older files kept
     assert sum(f.stat().st_size for f in files) <= 200_000 + 5 * 4_000
     lines = (tmp_path / "log" / "payloads.jsonl").read_text().splitlines()
     record = json.loads(lines[-1])
-    assert set(record) == {"time", "version", "image_sha256", "digit", "confidence",
+    assert set(record) == {"time", "model", "version", "image_sha256", "digit", "confidence",
                            "statistics", "image"}  # fmt: skip
-    assert record["version"] == 4 and set(record["statistics"]) == set(STATISTICS)
+    assert (record["model"], record["version"]) == ("mnist", 4)
+    assert set(record["statistics"]) == set(STATISTICS)
     assert 800 < payloads.written < 1200 and payloads.dropped == 0  # about half of 2,000
 
     full = PayloadLog(tmp_path / "full", 100)
     full._listener.stop()  # a writer that has stopped: the queue fills, nothing waits
     many = np.resize(images, (5000, 28, 28))
     for _ in range(3):
-        full.sample("4", many, _probabilities(many))
+        full.sample("mnist", "4", many, _probabilities(many))
     assert full.written == PayloadLog.QUEUE_RECORDS and full.dropped == 3 * 5000 - full.written
 
 
@@ -249,7 +252,10 @@ def test_a_version_without_a_profile_serves_and_says_so(
             server.metric_or_none("mnist_predictions_total", model="mnist", version="1", digit="1")
             is None
         )
-        assert "version 1 has no profile.json (exported before model monitoring)" in server.log()
+        assert (
+            "version 1 of model 'mnist' has no profile.json (exported before model monitoring)"
+            in (server.log())
+        )
     finally:
         assert server.stop() == 0
 
