@@ -243,7 +243,7 @@ class ModelManager:
         monitor = None
         if self.monitoring is not None:
             monitor = self.monitoring.start(model.name, model.version, model.profile)
-        hist = self._metrics.compute_seconds.labels(model.device)
+        hist = self._metrics.compute_seconds.labels(model.device, model.name, str(model.version))
         if self._make_batcher is not None:
             model.batcher = self._make_batcher(self._model_fn(model, hist, monitor), model)
             if self._loop is not None:

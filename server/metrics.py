@@ -129,8 +129,8 @@ class ServerMetrics:
         )
         self.compute_seconds = Histogram(
             "mnist_model_compute_seconds",
-            "Time of one model call (one batch), by device.",
-            ["device"],
+            "Time of one model call (one batch), by device and model version.",
+            ["device", "model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -241,6 +241,10 @@ class ServerMetrics:
             self.model_memory.labels(model.name, str(model.version)).set(model.memory_bytes)
         if default is not None:
             self.model_version.labels(name).set(default.version)
+        elif self.multiprocess:
+            self.model_version.labels(name).set(0)
+        else:  # every version unloaded: the model has no default
+            self.model_version.remove(name)
 
     def drop_model(self, model: LoadedModel) -> None:
         """A version is unloaded: its series go (0 in a worker's file in multiprocess mode)."""
@@ -250,6 +254,7 @@ class ServerMetrics:
         if not self.multiprocess:
             self.model.remove(*labels)
             self.model_memory.remove(model.name, str(model.version))
+            self.compute_seconds.remove(model.device, model.name, str(model.version))
 
 
 def _model_labels(model: LoadedModel) -> tuple[str, str, str, str, str]:
