@@ -477,6 +477,8 @@ class ModelManager:
         there = ", ".join(map(str, versions)) or "none"
         if self.pinned_version is not None and self.pinned_version not in versions:
             return f"--model-version {self.pinned_version} is not in {folder} (versions: {there})"
+        if self.policy.latest == 0 and not self.policy.specific:
+            return f"model '{self.model_name}' is unloaded (version policy none) until loaded again"
         if self.policy.specific and not set(self.policy.specific) & set(versions):
             return f"--version-policy {self.policy}: none is in {folder} (versions: {there})"
         if self.last_failure is not None:

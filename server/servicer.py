@@ -3,7 +3,9 @@
 Each method only converts (bytes to a uint8 array with :mod:`server.wire`, the core's answer
 back to bytes) and delegates to :class:`~server.core.InferenceCore`; admission, auth, status
 mapping and metrics live in :mod:`server.rpc`. A request's optional ``model_spec`` (model
-name, version, label) pins it; without one it goes to the default version.
+name, version, label) pins it; without one it goes to the default version. ListModels and
+ConfigureModel are the core's repository calls (``index``, ``load``, ``unload``,
+``configure``).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from mnist_client.contract import (
 from mnist_client.pb import digit_classifier_pb2 as pb
 from server import wire
 from server.batcher import Answer
-from server.errors import ServiceError
-from server.protocols.base import ProtocolContext, Service
+from server.core import ModelStatus
+from server.errors import InvalidArgument, ServiceError
+from server.manager import KEEP, KeepType
+from server.protocols.base import ProtocolContext, Service, parse
 from server.rpc import Call
 from server.streams import ItemError
-from server.versions import LoadedModel
+from server.versions import LoadedModel, VersionPolicy
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
 
@@ -43,11 +47,13 @@ class DigitClassifier:
         self._settings = context.settings
 
     def services(self) -> list[Service]:
-        """``mnist.v1.DigitClassifier``: three unary methods and PredictStream."""
+        """``mnist.v1.DigitClassifier``: five unary methods and PredictStream."""
         unary = {
             "Predict": self.predict,
             "BatchPredict": self.batch_predict,
             "GetModelInfo": self.get_model_info,
+            "ListModels": self.list_models,
+            "ConfigureModel": self.configure_model,
         }
         return [Service(SERVICE_NAME, unary, {"PredictStream": self})]
 
@@ -126,3 +132,60 @@ class DigitClassifier:
             last_failed_version=failure.version if failure else 0,
             last_failure=failure.reason if failure else "",
         ).SerializeToString()
+
+    # --- the repository's management calls
+
+    async def list_models(self, raw: bytes, call: Call) -> bytes:
+        parse(pb.ListModelsRequest, raw)
+        statuses = [_model_status(status) for status in self._core.index()]
+        return pb.ListModelsResponse(models=statuses).SerializeToString()
+
+    async def configure_model(self, raw: bytes, call: Call) -> bytes:
+        request = parse(pb.ConfigureModelRequest, raw)
+        core = self._core
+        policy = _policy(request)
+        labels = dict(request.labels) if request.set_labels else None
+        if request.labels and not request.set_labels:
+            raise InvalidArgument("labels given without set_labels (which says they replace all)")
+        if labels and not all(labels):
+            raise InvalidArgument("a label name is empty")
+        if request.load and request.unload:
+            raise InvalidArgument("load and unload exclude each other")
+        if request.unload and (request.HasField("version_policy") or request.set_labels):
+            raise InvalidArgument("unload excludes version_policy and set_labels")
+        # the named model, else the default one (NOT_FOUND when it is ambiguous)
+        name = request.name or core.repository.model().model_name
+        if request.unload:
+            status = await core.unload(name)
+        elif request.load:
+            status = await core.load(name, None if isinstance(policy, KeepType) else policy)
+            if labels is not None:
+                status = await core.configure(name, KEEP, labels)
+        else:
+            status = await core.configure(name, policy, labels)
+        return _model_status(status).SerializeToString()
+
+
+def _policy(request: pb.ConfigureModelRequest) -> VersionPolicy | KeepType | None:
+    """A ConfigureModelRequest's version policy: KEEP when unset, None for "" (back to
+    ``--version-policy``); INVALID_ARGUMENT when it does not parse."""
+    if not request.HasField("version_policy"):
+        return KEEP
+    if not request.version_policy:
+        return None
+    try:
+        return VersionPolicy.parse(request.version_policy)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+
+
+def _model_status(status: ModelStatus) -> pb.ModelStatus:
+    versions = [pb.VersionStatus(version=v.version, state=v.state, reason=v.reason)
+                for v in status.versions]  # fmt: skip
+    return pb.ModelStatus(
+        name=status.name,
+        version_policy=status.policy,
+        versions=versions,
+        labels=dict(status.labels),
+        default_version=status.default_version or 0,
+    )

@@ -160,6 +160,8 @@ def test_reflection_lists_and_describes_the_service(server: ServerProcess) -> No
         "BatchPredict",
         "GetModelInfo",
         "PredictStream",
+        "ListModels",
+        "ConfigureModel",
     ]
 
 

@@ -11,9 +11,11 @@ from mnist_client.client import (
     BatchPrediction,
     DigitClient,
     ModelInfo,
+    ModelStatus,
     Prediction,
     PredictionError,
     StreamResult,
+    VersionStatus,
 )
 from mnist_client.images import IMAGE_BYTES, ImageError, to_batch, to_image_bytes
 from mnist_client.timing import Timing
@@ -26,10 +28,12 @@ __all__ = [
     "DigitClient",
     "ImageError",
     "ModelInfo",
+    "ModelStatus",
     "Prediction",
     "PredictionError",
     "StreamResult",
     "Timing",
+    "VersionStatus",
     "to_batch",
     "to_image_bytes",
 ]

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +144,58 @@ class ModelInfo:
     memory_bytes: int = 0  # estimated memory this version holds; 0 from older servers
     loaded_versions: tuple[int, ...] = ()  # every loaded version; empty from older servers
     labels: dict[str, int] = field(default_factory=dict)  # label -> the version it points at
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of a model as the repository sees it (see ``ListModels`` in the proto)."""
+
+    version: int
+    state: str  # READY, UNLOADING (finishing the calls it admitted) or UNAVAILABLE
+    reason: str = ""  # why it is not READY ("" when it is)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model as it serves: its version policy, every version on disk or loaded with its
+    state, the labels that point at a loaded version and the version unpinned calls get."""
+
+    name: str
+    version_policy: str  # "latest:N", "all", "specific:V1,V2,..." or "none" (unloaded)
+    versions: tuple[VersionStatus, ...] = ()  # ascending
+    labels: dict[str, int] = field(default_factory=dict)  # label -> the version it points at
+    default_version: int | None = None  # None: no version is loaded
+
+    @property
+    def loaded_versions(self) -> tuple[int, ...]:
+        """The READY versions, ascending."""
+        return tuple(v.version for v in self.versions if v.state == "READY")
+
+    def labels_of(self, version: int) -> list[str]:
+        """The labels that point at ``version``, sorted."""
+        return sorted(label for label, v in self.labels.items() if v == version)
+
+
+def _model_status(resp: pb.ModelStatus) -> ModelStatus:
+    return ModelStatus(
+        name=resp.name,
+        version_policy=resp.version_policy,
+        versions=tuple(VersionStatus(v.version, v.state, v.reason) for v in resp.versions),
+        labels=dict(resp.labels),
+        default_version=resp.default_version or None,
+    )
+
+
+def _load_request(name: str, version_policy: str | None) -> pb.ConfigureModelRequest:
+    return pb.ConfigureModelRequest(name=name, load=True, version_policy=version_policy)
+
+
+def _labels_request(name: str, labels: Mapping[str, int]) -> pb.ConfigureModelRequest:
+    return pb.ConfigureModelRequest(name=name, labels=dict(labels), set_labels=True)
+
+
+def _policy_request(name: str, policy: str | None) -> pb.ConfigureModelRequest:
+    return pb.ConfigureModelRequest(name=name, version_policy=policy or "")
 
 
 def _spec(version: int | None, label: str | None) -> pb.ModelSpec | None:
@@ -466,6 +525,59 @@ class DigitClient(_ClientBase):
         request = _info_request(version, label)
         return _model_info(self._stub.GetModelInfo(request, **self._kw(timeout)))
 
+    # --- the model repository (ListModels, ConfigureModel)
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
+        """Every model in the server's repository, by name, with every version on disk or
+        loaded and its state, the labels and the default version. Always allowed."""
+        resp = self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout))
+        return [_model_status(m) for m in resp.models]
+
+    def load_model(
+        self, name: str, version_policy: str | None = None, *, timeout: float | None = None
+    ) -> ModelStatus:
+        """Load model ``name`` ("": the server's default model) with ``version_policy``
+        (``"latest:2"``, ``"all"``, ``"specific:1,3"``; None: the server's
+        ``--version-policy``), a model folder added since the server started too; the model
+        as it serves once loaded.
+
+        The management calls (this one, :meth:`unload_model`, :meth:`set_labels`,
+        :meth:`set_version_policy`) change the model folder, so every worker and replica on it
+        follows, and raise ``grpc.RpcError``: FAILED_PRECONDITION when the server runs
+        without ``--model-control``, when no version could be loaded (saying why) or a label
+        would point at a version that is not loaded; NOT_FOUND for a model not in the
+        repository; INVALID_ARGUMENT for a policy that does not parse. Loading verifies and
+        warms each version up: give a large model a ``timeout`` to match.
+        """
+        request = _load_request(name, version_policy)
+        return _model_status(self._stub.ConfigureModel(request, **self._kw(timeout)))
+
+    def unload_model(self, name: str, *, timeout: float | None = None) -> ModelStatus:
+        """Unload every version of model ``name`` (its policy becomes ``none`` until it is
+        loaded again); calls already admitted finish. Errors as :meth:`load_model`."""
+        request = pb.ConfigureModelRequest(name=name, unload=True)
+        return _model_status(self._stub.ConfigureModel(request, **self._kw(timeout)))
+
+    def set_labels(
+        self, name: str, labels: Mapping[str, int], *, timeout: float | None = None
+    ) -> ModelStatus:
+        """Replace every label of model ``name`` with ``labels`` (label -> a loaded
+        version; ``{}`` removes them all): a rollback is ``set_labels("mnist", {"stable":
+        2})``. Calls admitted from then on follow; nothing loads or unloads. A label that
+        would point at a version that is not loaded is FAILED_PRECONDITION and changes
+        nothing. Errors as :meth:`load_model`."""
+        request = _labels_request(name, labels)
+        return _model_status(self._stub.ConfigureModel(request, **self._kw(timeout)))
+
+    def set_version_policy(
+        self, name: str, policy: str | None, *, timeout: float | None = None
+    ) -> ModelStatus:
+        """Set the version policy of model ``name`` (``"latest:2"``, ``"all"``,
+        ``"specific:1,3"``, ``"none"``; None: back to the server's ``--version-policy``) and
+        load and unload as it says before answering. Errors as :meth:`load_model`."""
+        request = _policy_request(name, policy)
+        return _model_status(self._stub.ConfigureModel(request, **self._kw(timeout)))
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ``"SERVICE_UNKNOWN"``."""
         try:
@@ -550,6 +662,39 @@ class AsyncDigitClient(_ClientBase):
         """See :meth:`DigitClient.model_info`."""
         req = _info_request(version, label)
         return _model_info(await self._stub.GetModelInfo(req, **self._kw(timeout)))
+
+    # --- the model repository (see DigitClient's)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
+        """See :meth:`DigitClient.list_models`."""
+        resp = await self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout))
+        return [_model_status(m) for m in resp.models]
+
+    async def load_model(
+        self, name: str, version_policy: str | None = None, *, timeout: float | None = None
+    ) -> ModelStatus:
+        """See :meth:`DigitClient.load_model`."""
+        request = _load_request(name, version_policy)
+        return _model_status(await self._stub.ConfigureModel(request, **self._kw(timeout)))
+
+    async def unload_model(self, name: str, *, timeout: float | None = None) -> ModelStatus:
+        """See :meth:`DigitClient.unload_model`."""
+        request = pb.ConfigureModelRequest(name=name, unload=True)
+        return _model_status(await self._stub.ConfigureModel(request, **self._kw(timeout)))
+
+    async def set_labels(
+        self, name: str, labels: Mapping[str, int], *, timeout: float | None = None
+    ) -> ModelStatus:
+        """See :meth:`DigitClient.set_labels`."""
+        request = _labels_request(name, labels)
+        return _model_status(await self._stub.ConfigureModel(request, **self._kw(timeout)))
+
+    async def set_version_policy(
+        self, name: str, policy: str | None, *, timeout: float | None = None
+    ) -> ModelStatus:
+        """See :meth:`DigitClient.set_version_policy`."""
+        request = _policy_request(name, policy)
+        return _model_status(await self._stub.ConfigureModel(request, **self._kw(timeout)))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health status: ``"SERVING"``, ``"NOT_SERVING"``, ``"SERVICE_UNKNOWN"``."""

@@ -163,3 +163,67 @@ class GetModelInfoResponse(_message.Message):
     loaded_versions: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.ScalarMap[str, int]
     def __init__(self, model_version: _Optional[int] = ..., architecture: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., metadata_json: _Optional[str] = ..., loaded_at: _Optional[str] = ..., last_failed_version: _Optional[int] = ..., last_failure: _Optional[str] = ..., runtime: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., labels: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+
+class VersionStatus(_message.Message):
+    __slots__ = ("version", "state", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    state: str
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "version_policy", "versions", "labels", "default_version")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version_policy: str
+    versions: _containers.RepeatedCompositeFieldContainer[VersionStatus]
+    labels: _containers.ScalarMap[str, int]
+    default_version: int
+    def __init__(self, name: _Optional[str] = ..., version_policy: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ..., labels: _Optional[_Mapping[str, int]] = ..., default_version: _Optional[int] = ...) -> None: ...
+
+class ConfigureModelRequest(_message.Message):
+    __slots__ = ("name", "version_policy", "unload", "load", "labels", "set_labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SET_LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version_policy: str
+    unload: bool
+    load: bool
+    labels: _containers.ScalarMap[str, int]
+    set_labels: bool
+    def __init__(self, name: _Optional[str] = ..., version_policy: _Optional[str] = ..., unload: _Optional[bool] = ..., load: _Optional[bool] = ..., labels: _Optional[_Mapping[str, int]] = ..., set_labels: _Optional[bool] = ...) -> None: ...

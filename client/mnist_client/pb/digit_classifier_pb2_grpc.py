@@ -59,6 +59,16 @@ class DigitClassifierStub:
                 request_serializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamRequest.SerializeToString,
                 response_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/mnist.v1.DigitClassifier/ListModels',
+                request_serializer=mnist_dot_v1_dot_digit__classifier__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.ConfigureModel = channel.unary_unary(
+                '/mnist.v1.DigitClassifier/ConfigureModel',
+                request_serializer=mnist_dot_v1_dot_digit__classifier__pb2.ConfigureModelRequest.SerializeToString,
+                response_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.ModelStatus.FromString,
+                _registered_method=True)
 
 
 class DigitClassifierServicer:
@@ -107,6 +117,26 @@ class DigitClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model in the repository, with every version on disk or loaded, its state, the
+        labels and the default. Always allowed: it changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureModel(self, request, context):
+        """Load, unload, relabel a model or change its version policy, applied before the answer
+        (the model as it serves then). The change is written into the model folder, so every
+        worker and replica on it follows. FAILED_PRECONDITION unless the server runs with
+        --model-control, or when a label would point at a version that is not loaded (nothing
+        is changed then); NOT_FOUND for a model that is not in the repository; INVALID_ARGUMENT
+        for a version policy that does not parse or flags that contradict each other.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DigitClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +159,16 @@ def add_DigitClassifierServicer_to_server(servicer, server):
                     servicer.PredictStream,
                     request_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamRequest.FromString,
                     response_serializer=mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.ListModelsRequest.FromString,
+                    response_serializer=mnist_dot_v1_dot_digit__classifier__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ConfigureModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureModel,
+                    request_deserializer=mnist_dot_v1_dot_digit__classifier__pb2.ConfigureModelRequest.FromString,
+                    response_serializer=mnist_dot_v1_dot_digit__classifier__pb2.ModelStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -243,6 +283,60 @@ class DigitClassifier:
             '/mnist.v1.DigitClassifier/PredictStream',
             mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamRequest.SerializeToString,
             mnist_dot_v1_dot_digit__classifier__pb2.PredictStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.DigitClassifier/ListModels',
+            mnist_dot_v1_dot_digit__classifier__pb2.ListModelsRequest.SerializeToString,
+            mnist_dot_v1_dot_digit__classifier__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.DigitClassifier/ConfigureModel',
+            mnist_dot_v1_dot_digit__classifier__pb2.ConfigureModelRequest.SerializeToString,
+            mnist_dot_v1_dot_digit__classifier__pb2.ModelStatus.FromString,
             options,
             channel_credentials,
             insecure,
