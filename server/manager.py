@@ -170,8 +170,12 @@ class ModelManager:
         return self.routes.default
 
     def serving_model(self) -> LoadedModel:
-        """The default version; UNAVAILABLE (retry elsewhere) while none is loaded yet."""
+        """The default version; UNAVAILABLE (retry elsewhere) while none is loaded yet,
+        NOT_FOUND when the model was unloaded (every replica on the folder is alike: a retry
+        elsewhere would not help)."""
         model = self.routes.default
+        if model is None and self.policy.latest == 0 and not self.policy.specific:
+            raise NotFound(f"{self.waiting_for()}; this model serves nothing")
         if model is None:
             raise Unavailable(f"no model version is loaded yet: {self.waiting_for() or 'loading'}")
         return model

@@ -171,7 +171,8 @@ async def test_relabel_under_load_from_every_protocol(start_fake: StartFake) -> 
     fake = await start_fake("--version-policy", "all", versions=(1, 2, 3), serving=False)
     folder = fake.server.settings.model_dir
     write_labels(folder, folder_labels)
-    await until(lambda: fake.server.manager.current is not None)
+    # every version loaded (the newest loads first: stable may point at 2 before 1 is there)
+    await until(lambda: sorted(fake.server.manager.routes.versions) == [1, 2, 3])
     await until(lambda: fake.server.manager.current.version == 2)  # type: ignore[union-attr]
 
     # what the stable label may point at, by generation: a switch is a generation of both
