@@ -273,7 +273,7 @@ class ModelServer:
                 for name, codec in service.streams.items():
                     methods[name] = StreamMethod(
                         prefix + name, codec, self.core, self.calls, self.metrics, auth,
-                        window=s.max_stream_images, precondition=self.core.resolve,
+                        window=s.max_stream_images, precondition=self.core.check_serving,
                         tracing=tracing, path=f"/{service.name}/{name}", server_timing=timing,
                         read_timeout=s.read_timeout_seconds, idle_timeout=s.stream_idle_seconds,
                     )  # fmt: skip

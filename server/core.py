@@ -214,6 +214,13 @@ class InferenceCore:
         except (KeyError, ValueError):
             raise NotFound(manager.not_loaded(quoted(version))) from None
 
+    def check_serving(self) -> None:
+        """UNAVAILABLE, saying why, while no version of any model is loaded (a new stream
+        is refused then; each of its images names its own model and version)."""
+        if self.repository.current is None:
+            why = self.repository.waiting_for() or "loading"
+            raise Unavailable(f"no model version is loaded yet: {why}")
+
     def routes(self, model: LoadedModel) -> Routes:
         """What the model of a resolved version serves now (its versions and labels)."""
         return self.repository.model(model.name).routes

@@ -198,30 +198,33 @@ def _policy_request(name: str, policy: str | None) -> pb.ConfigureModelRequest:
     return pb.ConfigureModelRequest(name=name, version_policy=policy or "")
 
 
-def _spec(version: int | None, label: str | None) -> pb.ModelSpec | None:
-    """The request's ModelSpec: pinned to ``version`` or ``label`` (None: the default)."""
-    if version is None and not label:
+def _spec(version: int | None, label: str | None, model: str | None = None) -> pb.ModelSpec | None:
+    """The request's ModelSpec: for ``model`` (None: the server's default model), pinned to
+    ``version`` or ``label`` (None: that model's default version)."""
+    if version is None and not label and not model:
         return None
-    spec = pb.ModelSpec(label=label or "")
+    spec = pb.ModelSpec(name=model or "", label=label or "")
     if version is not None:
         spec.version = version
     return spec
 
 
 def _predict_request(
-    image: Any, version: int | None = None, label: str | None = None
+    image: Any, version: int | None = None, label: str | None = None, model: str | None = None
 ) -> pb.PredictRequest:
-    return pb.PredictRequest(image=to_image_bytes(image), model_spec=_spec(version, label))
+    return pb.PredictRequest(image=to_image_bytes(image), model_spec=_spec(version, label, model))
 
 
 def _batch_request(
-    images: Any, version: int | None = None, label: str | None = None
+    images: Any, version: int | None = None, label: str | None = None, model: str | None = None
 ) -> pb.BatchPredictRequest:
-    return pb.BatchPredictRequest(images=to_batch(images), model_spec=_spec(version, label))
+    return pb.BatchPredictRequest(images=to_batch(images), model_spec=_spec(version, label, model))
 
 
-def _info_request(version: int | None, label: str | None) -> pb.GetModelInfoRequest:
-    return pb.GetModelInfoRequest(model_spec=_spec(version, label))
+def _info_request(
+    version: int | None, label: str | None, model: str | None = None
+) -> pb.GetModelInfoRequest:
+    return pb.GetModelInfoRequest(model_spec=_spec(version, label, model))
 
 
 def _prediction(resp: pb.PredictResponse, timing: Timing | None = None) -> Prediction:
@@ -468,14 +471,16 @@ class DigitClient(_ClientBase):
         timeout: float | None = None,
         version: int | None = None,
         label: str | None = None,
+        model: str | None = None,
     ) -> Prediction:
         """Classify one image (array, 784 bytes, path or PIL image).
 
         ``version`` pins a loaded version, ``label`` the version a label (``stable``,
-        ``canary``) points at when the call is admitted; neither: the server's default.
-        A version or label that is not loaded raises NOT_FOUND naming what is.
+        ``canary``) points at when the call is admitted; neither: the default version.
+        ``model`` names the model (a server with several); None: the server's default model.
+        A model, version or label that is not served raises NOT_FOUND naming what is.
         """
-        request = _predict_request(image, version, label)
+        request = _predict_request(image, version, label, model)
         resp, call = self._stub.Predict.with_call(request, **self._kw(timeout))
         return _prediction(resp, from_metadata(call.trailing_metadata()))
 
@@ -486,10 +491,11 @@ class DigitClient(_ClientBase):
         timeout: float | None = None,
         version: int | None = None,
         label: str | None = None,
+        model: str | None = None,
     ) -> BatchPrediction:
         """Classify many images in one call; answers come back in order (``version`` and
         ``label`` as for :meth:`predict`)."""
-        request = _batch_request(images, version, label)
+        request = _batch_request(images, version, label, model)
         resp, call = self._stub.BatchPredict.with_call(request, **self._kw(timeout))
         return _batch_prediction(resp, from_metadata(call.trailing_metadata()))
 
@@ -500,6 +506,7 @@ class DigitClient(_ClientBase):
         timeout: float | None = None,
         version: int | None = None,
         label: str | None = None,
+        model: str | None = None,
     ) -> Iterator[StreamResult]:
         """Classify many images over one stream; yield each answer as it arrives.
 
@@ -509,7 +516,7 @@ class DigitClient(_ClientBase):
         ``version`` and ``label`` pin every image (as for :meth:`predict`); each image is
         resolved as the server reads it.
         """
-        requests = _StreamRequests(_spec(version, label))
+        requests = _StreamRequests(_spec(version, label, model))
         for resp in self._stub.PredictStream(requests.of(images), **self._stream_kw(timeout)):
             yield from requests.take_local()
             yield _stream_result(resp)
@@ -518,11 +525,16 @@ class DigitClient(_ClientBase):
             raise requests.error
 
     def model_info(
-        self, *, timeout: float | None = None, version: int | None = None, label: str | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
+        model: str | None = None,
     ) -> ModelInfo:
         """The model version (the default, or ``version``/``label``), architecture, device,
         batching settings, loaded versions and labels."""
-        request = _info_request(version, label)
+        request = _info_request(version, label, model)
         return _model_info(self._stub.GetModelInfo(request, **self._kw(timeout)))
 
     # --- the model repository (ListModels, ConfigureModel)
@@ -611,9 +623,11 @@ class AsyncDigitClient(_ClientBase):
         timeout: float | None = None,
         version: int | None = None,
         label: str | None = None,
+        model: str | None = None,
     ) -> Prediction:
         """Classify one image (see :meth:`DigitClient.predict`)."""
-        call = self._stub.Predict(_predict_request(image, version, label), **self._kw(timeout))
+        request = _predict_request(image, version, label, model)
+        call = self._stub.Predict(request, **self._kw(timeout))
         resp = await call
         return _prediction(resp, from_metadata(await call.trailing_metadata()))
 
@@ -624,9 +638,10 @@ class AsyncDigitClient(_ClientBase):
         timeout: float | None = None,
         version: int | None = None,
         label: str | None = None,
+        model: str | None = None,
     ) -> BatchPrediction:
         """Classify many images in one call (see :meth:`DigitClient.batch_predict`)."""
-        request = _batch_request(images, version, label)
+        request = _batch_request(images, version, label, model)
         call = self._stub.BatchPredict(request, **self._kw(timeout))
         resp = await call
         return _batch_prediction(resp, from_metadata(await call.trailing_metadata()))
@@ -638,13 +653,14 @@ class AsyncDigitClient(_ClientBase):
         timeout: float | None = None,
         version: int | None = None,
         label: str | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[StreamResult]:
         """The asyncio twin of :meth:`DigitClient.predict_stream`: an async iterator.
 
         ``images`` may also be an async iterable, for a producer that must wait (for images
         to arrive, or for answers before it sends more).
         """
-        requests = _StreamRequests(_spec(version, label))
+        requests = _StreamRequests(_spec(version, label, model))
         source = requests.of(images) if isinstance(images, Iterable) else requests.of_async(images)
         call = self._stub.PredictStream(source, **self._stream_kw(timeout))
         async for resp in call:
@@ -657,10 +673,15 @@ class AsyncDigitClient(_ClientBase):
             raise requests.error
 
     async def model_info(
-        self, *, timeout: float | None = None, version: int | None = None, label: str | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        version: int | None = None,
+        label: str | None = None,
+        model: str | None = None,
     ) -> ModelInfo:
         """See :meth:`DigitClient.model_info`."""
-        req = _info_request(version, label)
+        req = _info_request(version, label, model)
         return _model_info(await self._stub.GetModelInfo(req, **self._kw(timeout)))
 
     # --- the model repository (see DigitClient's)

@@ -13,6 +13,7 @@ import pytest
 import tritonclient.grpc.aio as triton
 from tritonclient.grpc import InferInput
 
+from mnist_client import AsyncDigitClient
 from mnist_client.pb import digit_classifier_pb2 as pb
 from mnist_client.pb import digit_classifier_pb2_grpc as pb_grpc
 from server.manager import LABELS_FILE, POLICY_FILE
@@ -94,11 +95,23 @@ async def test_each_protocol_names_its_model_and_reaches_that_models_runtime(
         assert (by_tfs.name, by_tfs.version.value) == ("cnn", 2)
         metadata = await kserve.get_model_metadata("cnn", as_json=True)
         assert (metadata["name"], metadata["versions"]) == ("cnn", ["2"])
-    # each call ran on its own model's runtime: mlp 1 twice, cnn 2 three times
-    assert len(runtimes[("mlp", 1)].batch_sizes) == 2
-    assert len(runtimes[("cnn", 2)].batch_sizes) == 3
+        # the SDK: model= on every call
+        async with AsyncDigitClient(fake.target) as client:
+            one = await client.predict(IMAGE, timeout=10, model="mlp")
+            many = await client.batch_predict([IMAGE] * 2, timeout=10, model="cnn", version=2)
+            streamed = [
+                r.prediction.model_version
+                async for r in client.predict_stream([IMAGE], timeout=10, model="mlp")
+                if r.prediction is not None
+            ]
+            info = await client.model_info(timeout=10, model="cnn")
+        assert (one.model_version, tuple(many.model_versions), streamed) == (1, (2, 2), [1])
+        assert (info.architecture, info.loaded_versions) == ("cnn", (2,))
+    # each call ran on its own model's runtime: mlp 1 four times, cnn 2 four times
+    assert len(runtimes[("mlp", 1)].batch_sizes) == 4
+    assert len(runtimes[("cnn", 2)].batch_sizes) == 4
     assert ("cnn", 1) not in runtimes  # latest:1 per model
-    assert fake.count("mnist_version_requests_total", model="cnn", version="2") == 3
+    assert fake.count("mnist_version_requests_total", model="cnn", version="2") == 4
     assert fake.count("mnist_model_version", model="mlp") == 1
     # a model that is not served, and a call that names none where no default exists
     with pytest.raises(grpc.aio.AioRpcError) as err:
