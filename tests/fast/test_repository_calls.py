@@ -274,14 +274,31 @@ async def test_tf_serving_reload_unloads_the_models_it_omits_and_checks_first(
     fake = await start_models({"mlp": (1, 2), "cnn": (1,)}, *CONTROL)
     t = fake.target
     mlp_dir = fake.server.settings.model_dir / "mlp"
-    for models, code in (
+    refused: list[tuple[dict[str, dict[str, Any]], grpc.StatusCode]] = [
         ({"mlp": {}, "rnn": {}}, grpc.StatusCode.NOT_FOUND),
         ({"mlp": {"base_path": "/elsewhere/mlp"}}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"mlp": {"policy": []}}, grpc.StatusCode.INVALID_ARGUMENT),
-    ):
+        ({"mlp": {}, "cnn": {}, "mlp ": {}}, grpc.StatusCode.NOT_FOUND),
+    ]
+    for models, code in refused:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await reload(t, models)
         assert info.value.code() == code
+    twice = reload_request({"mlp": {}, "cnn": {}})
+    twice.config.model_config_list.config.add(name="mlp")
+    custom = tfs.ReloadConfigRequest()
+    custom.config.custom_model_config.type_url = "type.googleapis.com/x.Config"
+    for request, code in (
+        (twice, grpc.StatusCode.INVALID_ARGUMENT),
+        (custom, grpc.StatusCode.FAILED_PRECONDITION),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await tfs_call(t, MODEL_SERVICE + "HandleReloadConfigRequest", request,
+                           tfs.ReloadConfigResponse)  # fmt: skip
+        assert info.value.code() == code
+    nothing = await tfs_call(t, MODEL_SERVICE + "HandleReloadConfigRequest",
+                             tfs.ReloadConfigRequest(), tfs.ReloadConfigResponse)  # fmt: skip
+    assert nothing.status.error_code == 0  # TF Serving: no config, no action
     assert await index(t, ready=True) == [("cnn", "1", "READY", ""), ("mlp", "2", "READY", "")]
 
     await reload(t, {"mlp": {"base_path": str(mlp_dir), "policy": "latest:2"}})
