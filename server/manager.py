@@ -474,6 +474,8 @@ class ModelManager:
         """While no version serves: why, in one line (what is missing); else None."""
         if self.current is not None:
             return None
+        if self.policy.latest == 0 and not self.policy.specific:  # "none": a management call
+            return f"model '{self.model_name}' was unloaded (load it again to serve it)"
         folder = self.model_dir
         if not folder.is_dir():
             return f"--model-dir {folder} does not exist (a typo?); no version can load"

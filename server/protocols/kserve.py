@@ -1,14 +1,28 @@
 """KServe v2 / Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``.
 
 The six methods of the canonical proto (ServerLive, ServerReady, ModelReady, ServerMetadata,
-ModelMetadata, ModelInfer), and Triton's ModelStreamInfer, ModelConfig and ModelStatistics,
-which tritonclient uses. The other Triton methods (repository, shared memory, trace, logging)
-are not registered, so gRPC answers UNIMPLEMENTED.
+ModelMetadata, ModelInfer), and Triton's ModelStreamInfer, ModelConfig, ModelStatistics and
+model repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload),
+which tritonclient uses. The other Triton methods (shared memory, trace, logging) are not
+registered, so gRPC answers UNIMPLEMENTED.
 
 * ModelStatistics counts as Triton does: inference requests (success, fail, queue), including
   each request of a stream; model calls (execution count, and the three compute phases, whose
   counts are always equal: perf_analyzer refuses them otherwise), also per batch size.
 * Stream answers carry ``triton_final_response`` and, for an error, its bare message.
+* The repository extension (the core's management calls): RepositoryIndex lists every model
+  of the repository and each of its versions on disk or loaded, with its state (READY,
+  UNLOADING, UNAVAILABLE) and why it is not READY (a model with no version at all is one
+  entry with no version); ``ready`` keeps the READY ones. It is always allowed.
+  RepositoryModelLoad (re)loads a model, its versions as ``--version-policy`` says, or as its
+  ``version_policy`` parameter (a string_param: ``latest:2``, ``all``, ``specific:1,3``)
+  says; FAILED_PRECONDITION, saying why, when no version of it could load.
+  RepositoryModelUnload unloads every version of it (calls already admitted finish; new ones
+  get UNAVAILABLE saying it was unloaded) until it is loaded again. Both change the model
+  folder's ``policy.json`` (every replica on the folder follows) and need ``--model-control``
+  (else FAILED_PRECONDITION); an unknown model is NOT_FOUND. There is one repository: a
+  ``repository_name`` is UNIMPLEMENTED, as are Triton's ``config`` and ``file:`` load
+  parameters (models come from the folder only); other parameters are INVALID_ARGUMENT.
 
 The model: name ``--model-name`` (``mnist``), its version the one being served; input
 ``images`` UINT8 ``[-1, 28, 28]``, output ``probabilities`` FP32 ``[-1, 10]``.
@@ -43,22 +57,33 @@ from mnist_client.contract import (
 from mnist_client.timing import HEADER as TIMING_HEADER
 from mnist_client.timing import format_server_timing
 from server.batcher import Answer
-from server.errors import InvalidArgument, ServiceError, bounded, quoted
+from server.core import ModelStatus
+from server.errors import InvalidArgument, ServiceError, Unimplemented, bounded, quoted
 from server.metrics import Duration
 from server.protocols.base import ProtocolContext, Service, image_count, parse
 from server.protocols.pb import open_inference_grpc_pb2 as oip
 from server.protocols.pb import triton_extensions_pb2 as triton
 from server.rpc import Call
 from server.streams import ItemError
-from server.versions import LoadedModel
+from server.versions import LoadedModel, VersionPolicy
 from server.wire import float32_le
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "mnist-serving"
-EXTENSIONS = ("classification", "model_configuration", "statistics", "binary_tensor_data")
+EXTENSIONS = (
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "binary_tensor_data",
+)
 # Triton marks every ModelStreamInfer answer with it (the last answer to its request, and here
 # the only one): clients that wait for it (enable_empty_final_response) would wait forever.
 FINAL_RESPONSE = "triton_final_response"
+# RepositoryModelLoad's parameter for the versions to load (a string_param: "latest:2")
+VERSION_POLICY_PARAMETER = "version_policy"
+# RepositoryModelUnload's parameter of Triton's ensembles: accepted, there are none here
+UNLOAD_DEPENDENTS_PARAMETER = "unload_dependents"
 
 
 class KServe:
@@ -84,6 +109,9 @@ class KServe:
             "ModelInfer": self.model_infer,
             "ModelConfig": self.model_config,
             "ModelStatistics": self.model_statistics,
+            "RepositoryIndex": self.repository_index,
+            "RepositoryModelLoad": self.repository_model_load,
+            "RepositoryModelUnload": self.repository_model_unload,
         }
         return [Service(SERVICE, unary, {"ModelStreamInfer": self})]
 
@@ -181,6 +209,56 @@ class KServe:
             )]
         ).SerializeToString()  # fmt: skip
 
+    # --- the model repository extension
+
+    async def repository_index(self, raw: bytes, call: Call) -> bytes:
+        request = parse(triton.RepositoryIndexRequest, raw)
+        _one_repository(request.repository_name)
+        entry = triton.RepositoryIndexResponse.ModelIndex
+        models = []
+        for model in self._core.index():
+            if not model.versions and not request.ready:  # a model with no version at all
+                models.append(entry(name=model.name, state="UNAVAILABLE", reason=_why(model)))
+            models += [
+                entry(name=model.name, version=str(v.version), state=v.state, reason=v.reason)
+                for v in model.versions
+                if v.state == "READY" or not request.ready
+            ]
+        return triton.RepositoryIndexResponse(models=models).SerializeToString()
+
+    async def repository_model_load(self, raw: bytes, call: Call) -> bytes:
+        request = parse(triton.RepositoryModelLoadRequest, raw)
+        _one_repository(request.repository_name)
+        policy = None
+        for key, value in sorted(request.parameters.items()):
+            if key == VERSION_POLICY_PARAMETER:
+                policy = _version_policy(value)
+            elif key == "config" or key.startswith("file:"):
+                raise Unimplemented(
+                    f"load parameter {quoted(key)} is not supported: this server loads models "
+                    f"from its model folder only (parameter '{VERSION_POLICY_PARAMETER}' "
+                    "chooses the versions)"
+                )
+            else:
+                raise InvalidArgument(
+                    f"load parameter {quoted(key)} is not known; this server reads "
+                    f"'{VERSION_POLICY_PARAMETER}' (a string: latest:N, all, specific:V1,V2)"
+                )
+        await self._core.load(_model_name(request.model_name), policy)
+        return triton.RepositoryModelLoadResponse().SerializeToString()
+
+    async def repository_model_unload(self, raw: bytes, call: Call) -> bytes:
+        request = parse(triton.RepositoryModelUnloadRequest, raw)
+        _one_repository(request.repository_name)
+        for key in sorted(request.parameters):
+            if key != UNLOAD_DEPENDENTS_PARAMETER:  # no ensembles here: no dependents
+                raise InvalidArgument(
+                    f"unload parameter {quoted(key)} is not known; this server reads "
+                    f"'{UNLOAD_DEPENDENTS_PARAMETER}' only"
+                )
+        await self._core.unload(_model_name(request.model_name))
+        return triton.RepositoryModelUnloadResponse().SerializeToString()
+
     # --- inference
 
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
@@ -240,6 +318,46 @@ class KServe:
         return triton.ModelStreamInferResponse(
             error_message=error.message, infer_response=echo
         ).SerializeToString()
+
+
+def _one_repository(name: str) -> None:
+    """This server has one repository: naming one is not supported (Triton's answer)."""
+    if name:
+        raise Unimplemented(
+            f"'repository_name' specification is not supported (got {quoted(name)}): this "
+            "server has one model repository"
+        )
+
+
+def _model_name(name: str) -> str:
+    if not name:
+        raise InvalidArgument("model_name is required: name the model to load or unload")
+    return name
+
+
+def _version_policy(value: triton.ModelRepositoryParameter) -> VersionPolicy:
+    """The ``version_policy`` load parameter: a string_param, not ``none`` (that is
+    RepositoryModelUnload)."""
+    if value.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(
+            f"load parameter '{VERSION_POLICY_PARAMETER}' must be a string_param "
+            "(latest:N, all or specific:V1,V2,...)"
+        )
+    try:
+        policy = VersionPolicy.parse(value.string_param)
+    except ValueError as err:
+        raise InvalidArgument(f"load parameter '{VERSION_POLICY_PARAMETER}': {err}") from None
+    if str(policy) == "none":
+        raise InvalidArgument(
+            f"load parameter '{VERSION_POLICY_PARAMETER}' 'none' loads nothing: unload the "
+            "model with RepositoryModelUnload"
+        )
+    return policy
+
+
+def _why(model: ModelStatus) -> str:
+    """Why a model with no version on disk serves nothing."""
+    return f"no version of model '{model.name}' is in the repository (policy {model.policy})"
 
 
 def _duration(d: Duration) -> triton.StatisticDuration:

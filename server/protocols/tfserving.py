@@ -1,8 +1,9 @@
 """TensorFlow Serving's API: ``tensorflow.serving.PredictionService`` and ``ModelService``.
 
 Predict and GetModelMetadata on the signature ``serving_default`` (input ``images`` uint8
-``[-1, 28, 28]``, output ``probabilities`` float ``[-1, 10]``), and GetModelStatus; Classify,
-Regress and MultiInference answer UNIMPLEMENTED (this model only predicts).
+``[-1, 28, 28]``, output ``probabilities`` float ``[-1, 10]``), GetModelStatus and
+HandleReloadConfigRequest; Classify, Regress and MultiInference answer UNIMPLEMENTED (this
+model only predicts).
 
 As TensorFlow Serving does:
 
@@ -12,8 +13,25 @@ As TensorFlow Serving does:
   ``MODEL_DIR/labels.json`` points at, else INVALID_ARGUMENT ("Unrecognized servable version
   label", then what is loaded); neither: the default version. The signature must be
   ``serving_default`` (or empty), else FAILED_PRECONDITION. GetModelMetadata needs
-  ``metadata_field`` ``signature_def``; GetModelStatus without a version lists every loaded
-  version.
+  ``metadata_field`` ``signature_def``.
+* GetModelStatus with a version or label: that version, AVAILABLE (else as Predict refuses
+  it). Without: every version of the model on disk or loaded, with its state: AVAILABLE
+  (loaded), UNLOADING (finishing its calls), END (not loaded: status error_code 14,
+  UNAVAILABLE, and why in error_message); a model with no version at all is NOT_FOUND
+  ("Could not find any versions of model ...").
+* HandleReloadConfigRequest (needs ``--model-control``, else FAILED_PRECONDITION): the
+  ``model_config_list`` is the whole new configuration. Each model listed gets its
+  ``model_version_policy`` (none set: ``--version-policy``; ``latest`` with 0 versions is 1,
+  as in TF Serving) and then its ``version_labels``, the whole set (none: no labels), each
+  pointing at a version loaded under the new policy, else FAILED_PRECONDITION; the models of
+  the repository that are not listed are unloaded. Everything is checked before anything
+  changes: a model that is not in the repository is NOT_FOUND, a model listed twice, a
+  ``base_path`` other than "" or the model's own folder, an empty ``specific`` policy or an
+  empty label name INVALID_ARGUMENT; ``model_platform`` is not read. The models are then
+  changed one by one (as TF Serving, not as one transaction: a label refused for one model
+  leaves the models before it changed). No config at all changes nothing; a
+  ``custom_model_config`` is FAILED_PRECONDITION, as in TF Serving. The changes go into each
+  model folder's ``policy.json`` and ``labels.json`` (every replica on the folder follows).
 * The input tensor comes as ``tensor_content`` (what ``tf.make_tensor_proto`` writes for an
   array) or as typed ``int_val`` values, where fewer values than elements repeat the last one
   (TensorFlow's compact form). A wrong input key, dtype or shape is INVALID_ARGUMENT.
@@ -22,7 +40,9 @@ As TensorFlow Serving does:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -36,19 +56,26 @@ from mnist_client.contract import (
     OUTPUT_SHAPE,
     SIGNATURE,
 )
-from server.core import UnknownLabel
+from server.core import ModelStatus, UnknownLabel
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented, bounded
 from server.protocols.base import ProtocolContext, Service, image_count, parse
 from server.protocols.pb import tensorflow_core_pb2 as tf
 from server.protocols.pb import tensorflow_serving_pb2 as tfs
 from server.rpc import Call
-from server.versions import LoadedModel
+from server.versions import LoadedModel, VersionPolicy
 from server.wire import float32_le
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 PREDICT_METHOD = "tensorflow/serving/predict"
 _DTYPE_NAMES = {v.number: v.name for v in tf.DataType.DESCRIPTOR.values}
+UNAVAILABLE_CODE = 14  # tensorflow.error.Code UNAVAILABLE: an END version's status
+# GetModelStatus: the core's version states as TF Serving's
+_STATES = {
+    "READY": tfs.ModelVersionStatus.AVAILABLE,
+    "UNLOADING": tfs.ModelVersionStatus.UNLOADING,
+    "UNAVAILABLE": tfs.ModelVersionStatus.END,
+}
 
 
 class TFServing:
@@ -71,7 +98,13 @@ class TFServing:
         }
         return [
             Service(PREDICTION_SERVICE, prediction),
-            Service(MODEL_SERVICE, {"GetModelStatus": self.get_model_status}),
+            Service(
+                MODEL_SERVICE,
+                {
+                    "GetModelStatus": self.get_model_status,
+                    "HandleReloadConfigRequest": self.handle_reload_config_request,
+                },
+            ),
         ]
 
     def _served(self, spec: tfs.ModelSpec) -> LoadedModel:
@@ -149,25 +182,123 @@ class TFServing:
     async def get_model_status(self, raw: bytes, call: Call) -> bytes:
         request = parse(tfs.GetModelStatusRequest, raw)
         spec = request.model_spec
-        model = self._served(spec)
-        versions = [model.version]
-        if not spec.HasField("version") and not spec.version_label:  # as TF Serving: all
-            versions = sorted(self._core.routes(model).versions) or versions
-        statuses = [
-            tfs.ModelVersionStatus(
-                version=version,
-                state=tfs.ModelVersionStatus.AVAILABLE,
-                status=tfs.StatusProto(error_code=0),
-            )
-            for version in versions
-        ]
+        if spec.HasField("version") or spec.version_label:  # that version, if it serves
+            model = self._served(spec)
+            statuses = [
+                tfs.ModelVersionStatus(
+                    version=model.version,
+                    state=tfs.ModelVersionStatus.AVAILABLE,
+                    status=tfs.StatusProto(error_code=0),
+                )
+            ]
+        else:  # as TF Serving: every version, whatever its state
+            statuses = [_version_status(v.version, v.state, v.reason)
+                        for v in self._model_status(spec.name).versions]  # fmt: skip
         return tfs.GetModelStatusResponse(model_version_status=statuses).SerializeToString()
+
+    def _model_status(self, name: str) -> ModelStatus:
+        """The core's status of a model with at least one version, else NOT_FOUND in TF
+        Serving's words."""
+        try:
+            status = self._core.status(name)
+        except NotFound:
+            raise NotFound(
+                f"Could not find any versions of model {bounded(name, 64)}; this server "
+                f"serves {self._core.repository.names()}"
+            ) from None
+        if not status.versions:
+            raise NotFound(f"Could not find any versions of model {status.name}")
+        return status
+
+    async def handle_reload_config_request(self, raw: bytes, call: Call) -> bytes:
+        request = parse(tfs.ReloadConfigRequest, raw)
+        core = self._core
+        core.check_control()
+        which = request.config.WhichOneof("config")
+        if which is None:  # TF Serving: "Taking no action for empty config."
+            return tfs.ReloadConfigResponse(status=tfs.StatusProto()).SerializeToString()
+        if which != "model_config_list":
+            raise FailedPrecondition(
+                "Cannot transition to requested config. It is only legal to transition from "
+                "one ModelConfigList to another."
+            )
+        configs = list(request.config.model_config_list.config)
+        if any(c.name not in core.repository.models for c in configs):  # a new folder?
+            await asyncio.get_running_loop().run_in_executor(None, core.repository.scan)
+        plan = [self._planned(config, configs[:i]) for i, config in enumerate(configs)]
+        for name, policy, labels in plan:
+            await core.configure(name, policy, labels)
+        listed = {name for name, _, _ in plan}
+        for name in sorted(set(core.repository.models) - listed):
+            if core.status(name).policy != "none":  # not unloaded yet
+                await core.unload(name)
+        return tfs.ReloadConfigResponse(status=tfs.StatusProto(error_code=0)).SerializeToString()
+
+    def _planned(
+        self, config: tfs.ModelConfig, before: list[tfs.ModelConfig]
+    ) -> tuple[str, VersionPolicy | None, dict[str, int]]:
+        """What one ModelConfig of a reload asks (model, policy, labels), checked before
+        anything changes."""
+        name = config.name
+        if any(c.name == name for c in before):
+            raise InvalidArgument(
+                f"Illegal to list model {bounded(name, 64)} multiple times in config list"
+            )
+        manager = self._core.repository.models.get(name)
+        if manager is None:
+            raise NotFound(
+                f"model {bounded(name or '(no name)', 64)} is not in the model repository; "
+                f"it holds {self._core.repository.names()}"
+            )
+        if config.base_path and Path(config.base_path).resolve() != manager.model_dir.resolve():
+            raise InvalidArgument(
+                f"model {name}: base_path {bounded(config.base_path, 100)} is not its folder "
+                f"{manager.model_dir} (leave it empty: this server serves its model folder)"
+            )
+        labels = dict(config.version_labels)
+        if "" in labels:
+            raise InvalidArgument(f"model {name}: a version label needs a name")
+        policy = None
+        if config.HasField("model_version_policy"):
+            policy = _policy(name, config.model_version_policy)
+        return name, policy, labels
 
     async def _unimplemented(self, raw: bytes, call: Call) -> bytes:
         raise Unimplemented(
             "this model only predicts: use Predict (Classify, Regress and MultiInference "
             "are not served)"
         )
+
+
+def _version_status(version: int, state: str, reason: str) -> tfs.ModelVersionStatus:
+    """A version's state in TF Serving's terms; a version that is not loaded is END with
+    why in its status."""
+    tf_state = _STATES.get(state, tfs.ModelVersionStatus.UNKNOWN)
+    status = (
+        tfs.StatusProto(error_code=UNAVAILABLE_CODE, error_message=reason)
+        if tf_state == tfs.ModelVersionStatus.END
+        else tfs.StatusProto(error_code=0)
+    )
+    return tfs.ModelVersionStatus(version=version, state=tf_state, status=status)
+
+
+def _policy(
+    name: str, spec: tfs.FileSystemStoragePathSourceConfig.ServableVersionPolicy
+) -> VersionPolicy | None:
+    """A ModelConfig's version policy as the core's (None: none chosen, the server's)."""
+    which = spec.WhichOneof("policy_choice")
+    if which == "latest":  # 0 (unset) is 1, as in TF Serving
+        return VersionPolicy(latest=max(spec.latest.num_versions, 1))
+    if which == "all":
+        return VersionPolicy(latest=None)
+    if which == "specific":
+        versions = tuple(sorted(set(spec.specific.versions)))
+        if not versions or versions[0] < 0:
+            raise InvalidArgument(
+                f"model {name}: a specific version policy names one or more versions >= 0"
+            )
+        return VersionPolicy(latest=None, specific=versions)
+    return None
 
 
 def _info(name: str, dtype: int, shape: list[int]) -> tf.TensorInfo:

@@ -155,3 +155,11 @@ async def start_fake_server(
     if serving:
         await until(lambda: server.health.serving)
     return FakeServer(server, loader)
+
+
+def write_fake_models(model_dir: Path, models: dict[str, tuple[int, ...]]) -> None:
+    """Triton's repository layout: fake ``versions`` of each model under
+    ``MODEL_DIR/<name>/<version>/`` (``{"mlp": (1, 2), "cnn": (1,)}``)."""
+    for name, versions in models.items():
+        for version in versions:
+            write_fake_version(model_dir / name, version)
