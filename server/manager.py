@@ -174,7 +174,7 @@ class ModelManager:
         NOT_FOUND when the model was unloaded (every replica on the folder is alike: a retry
         elsewhere would not help)."""
         model = self.routes.default
-        if model is None and self.policy.latest == 0 and not self.policy.specific:
+        if model is None and self.policy.loads_nothing:
             raise NotFound(f"{self.waiting_for()}; this model serves nothing")
         if model is None:
             raise Unavailable(f"no model version is loaded yet: {self.waiting_for() or 'loading'}")
@@ -474,8 +474,8 @@ class ModelManager:
         """While no version serves: why, in one line (what is missing); else None."""
         if self.current is not None:
             return None
-        if self.policy.latest == 0 and not self.policy.specific:  # "none": a management call
-            return f"model '{self.model_name}' was unloaded (load it again to serve it)"
+        if self.policy.loads_nothing:  # "none": a management call unloaded it
+            return f"model '{self.model_name}' was unloaded (version policy none): load it again"
         folder = self.model_dir
         if not folder.is_dir():
             return f"--model-dir {folder} does not exist (a typo?); no version can load"
@@ -483,8 +483,6 @@ class ModelManager:
         there = ", ".join(map(str, versions)) or "none"
         if self.pinned_version is not None and self.pinned_version not in versions:
             return f"--model-version {self.pinned_version} is not in {folder} (versions: {there})"
-        if self.policy.latest == 0 and not self.policy.specific:
-            return f"model '{self.model_name}' is unloaded (version policy none) until loaded again"
         if self.policy.specific and not set(self.policy.specific) & set(versions):
             return f"--version-policy {self.policy}: none is in {folder} (versions: {there})"
         if self.last_failure is not None:

@@ -82,6 +82,11 @@ class VersionPolicy:
             f"version policy {text!r} is not latest:N (N >= 1), all, specific:V1,V2,... or none"
         )
 
+    @property
+    def loads_nothing(self) -> bool:
+        """The policy ``none``: a model unloaded by a management call."""
+        return self.latest == 0 and not self.specific
+
     def choose(self, candidates: list[int]) -> list[int]:
         """The versions to load of ``candidates`` (ascending: the loadable ones), ascending."""
         if self.specific:

@@ -166,7 +166,9 @@ async def test_batches_never_mix_models(start_fake: StartFake) -> None:
     await until(lambda: len(mlp.batch_sizes) == 1)
     calls = [_mnist_v1(fake.target, pb.ModelSpec(name=name)) for name in ["mlp", "cnn"] * 8]
     pending = asyncio.gather(*calls)
-    await until(lambda: fake.server.core.queued_images >= 8)  # mlp's wait behind the gate
+    mlp_batcher = fake.server.repository.models["mlp"].routes.versions[1].batcher
+    assert mlp_batcher is not None
+    await until(lambda: mlp_batcher.queued_images == 8)  # mlp's wait behind the gate
     mlp.gate.set()
     answers = await pending
     await first

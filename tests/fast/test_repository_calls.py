@@ -183,7 +183,7 @@ async def test_triton_unload_and_load_of_one_model_of_several(start_models: Star
         for version in ("", "1"):
             with pytest.raises(InferenceServerException) as info:
                 await client.infer("cnn", [_triton_input()], model_version=version)
-            assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE)
+            assert info.value.status() == str(grpc.StatusCode.NOT_FOUND)
             assert "model 'cnn' was unloaded" in (info.value.message() or "")
         assert not await client.is_model_ready("cnn")
         mlp = await client.infer("mlp", [_triton_input()])  # the other model serves on
@@ -311,7 +311,7 @@ async def test_tf_serving_reload_unloads_the_models_it_omits_and_checks_first(
     assert await model_status(t, "cnn") == [(1, "END", 14, "not in the version policy none")]
     with pytest.raises(grpc.aio.AioRpcError) as unloaded:
         await predict_version(t, "cnn")
-    assert unloaded.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert unloaded.value.code() == grpc.StatusCode.NOT_FOUND
 
     await reload(t, {"mlp": {}, "cnn": {}})  # listed again: loaded again
     assert await predict_version(t, "cnn") == 1

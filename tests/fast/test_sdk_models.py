@@ -154,7 +154,7 @@ async def test_unload_refuses_calls_saying_why_and_load_brings_the_model_back(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Predict(pinned, timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND  # no retry: every replica is alike
-        assert "'mnist' is unloaded" in (info.value.details() or ""), info.value.details()
+        assert "'mnist' was unloaded" in (info.value.details() or ""), info.value.details()
         status = await client.load_model("mnist", timeout=10)  # back to --version-policy
         assert status.version_policy == "latest:1" and status.default_version == 2
         assert (await stub.Predict(pinned, timeout=10)).model_version == 2
