@@ -4,17 +4,21 @@ check named for it in :data:`ELSEWHERE`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, free_ports, missing
+from mnist_client import DigitClient
+from tests.conftest import ROOT, ServerProcess, free_ports, missing, start_server, wait_for
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README, re.S | re.M)
@@ -36,7 +40,12 @@ ELSEWHERE = {
     "match_the_proto (with --check, into a temporary folder)",
 }
 # Shell blocks this file runs, by their first words.
-HERE = ("./quickstart.sh", ".venv/bin/python -m mnist_client health", "grpcurl -plaintext")
+HERE = (
+    "./quickstart.sh",
+    ".venv/bin/python -m mnist_client health",
+    "grpcurl -plaintext",
+    ".venv/bin/python -m mnist_client models label",
+)
 
 
 def test_the_readme_has_python_examples() -> None:
@@ -150,3 +159,48 @@ def _write_png(mnist_dir: Path, path: Path) -> None:
     from training.data import load_idx_dir
 
     Image.fromarray(load_idx_dir(mnist_dir).x_test[0]).save(path)
+
+
+def test_the_rollback_walk_through_runs_as_written(trained_model_dir: Path, tmp_path: Path) -> None:
+    """The README's rollback: canary, promote, roll back, list, with the CLI against a real
+    server started as the README says (versions 2 and 3, latest:2, --model-control); each
+    step's default is what the README says, and the labels file on disk follows."""
+    (block,) = [b for b in SHELL if b.startswith(".venv/bin/python -m mnist_client models label")]
+    models = tmp_path / "models"
+    models.mkdir()
+    for version in (2, 3):
+        shutil.copytree(trained_model_dir / "1", models / str(version))
+        metadata = json.loads((models / str(version) / "metadata.json").read_text())
+        metadata["version"] = version
+        (models / str(version) / "metadata.json").write_text(json.dumps(metadata))
+    server = start_server(
+        models, tmp_path / "server.log", "--version-policy", "latest:2", "--model-control", "on"
+    )
+    try:
+        with DigitClient(server.target) as client:
+            assert wait_for(lambda: client.model_info().loaded_versions == (2, 3))
+        outputs = []
+        for line in block.strip().splitlines():
+            result = _shell(line, **{"localhost:8500": server.target})
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+            outputs.append(result.stdout)
+            with DigitClient(server.target) as client:
+                outputs[-1] += f"\nunpinned: {client.predict(_digit()).model_version}"
+        defaults = [re.findall(r"^mnist .* (\d+) +READY .*\*", out, re.M) for out in outputs]
+        assert defaults == [["2"], ["3"], ["2"], ["2"]], outputs
+        assert [out.splitlines()[-1] for out in outputs] == [
+            "unpinned: 2",
+            "unpinned: 3",
+            "unpinned: 2",
+            "unpinned: 2",
+        ]
+        assert "canary" in outputs[0] and "canary" not in outputs[1]
+        assert json.loads((models / "labels.json").read_text()) == {"stable": 2}
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def _digit() -> np.ndarray:
+    image = np.zeros((28, 28), np.uint8)
+    image[8:20, 13:15] = 255  # a stroke: some digit; the test only reads the version
+    return image
