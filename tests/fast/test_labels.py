@@ -133,7 +133,9 @@ async def test_a_call_keeps_the_version_it_was_admitted_for_across_a_relabel(
 
 
 async def test_every_protocol_resolves_labels(start_fake: StartFake) -> None:
-    fake = await start_fake("--version-policy", "all", versions=(1, 2, 3), serving=False)
+    fake = await start_fake(
+        "--version-policy", "all", "--model-control", "on", versions=(1, 2, 3), serving=False
+    )
     write_labels(fake.server.settings.model_dir, {"stable": 1, "canary": 2})
     await until(lambda: fake.server.manager.routes.labels.keys() == {"stable", "canary"})
     async with (
@@ -160,15 +162,19 @@ async def test_every_protocol_resolves_labels(start_fake: StartFake) -> None:
         assert "loaded: versions 1, 2, 3 (labels: canary=2, stable=1)" in info_v1.value.details()
 
 
-async def test_relabel_under_load_from_every_protocol(start_fake: StartFake) -> None:
-    """stable 2 -> 3 -> 2 while mnist.v1, KServe and TF Serving callers call unpinned, and
-    pinned callers call versions 1 and 3: no call fails; every unpinned answer comes from a
+@pytest.mark.parametrize("relabel", ["labels.json", "management call"])
+async def test_relabel_under_load_from_every_protocol(start_fake: StartFake, relabel: str) -> None:
+    """stable 2 -> 3 -> 2 (by writing the labels file, or by the SDK's ``set_labels``)
+    while mnist.v1, KServe and TF Serving callers call unpinned, and pinned callers call
+    versions 1 and 3: no call fails; every unpinned answer comes from a
     version the label pointed at while the call was between sent and answered (admission
     is inside that window; around a switch either version is right for a call whose window
     spans it); the server resolved exactly as many unpinned calls to each version as
     answers came back from it; pinned callers always get their version."""
     folder_labels = {"stable": 2}
-    fake = await start_fake("--version-policy", "all", versions=(1, 2, 3), serving=False)
+    fake = await start_fake(
+        "--version-policy", "all", "--model-control", "on", versions=(1, 2, 3), serving=False
+    )
     folder = fake.server.settings.model_dir
     write_labels(folder, folder_labels)
     # every version loaded (the newest loads first: stable may point at 2 before 1 is there)
@@ -256,8 +262,11 @@ async def test_relabel_under_load_from_every_protocol(start_fake: StartFake) -> 
         await progress()
         for old, new in ((2, 3), (3, 2)):
             history.append({old, new})
-            write_labels(folder, {"stable": new})
-            await asyncio.to_thread(fake.server.manager.refresh)  # read by now, at the latest
+            if relabel == "labels.json":
+                write_labels(folder, {"stable": new})
+                await asyncio.to_thread(fake.server.manager.refresh)  # read by now, at the latest
+            else:  # applied when it answers
+                assert (await client.set_labels("mnist", {"stable": new})).default_version == new
             assert fake.server.manager.current.version == new  # type: ignore[union-attr]
             history.append({new})
             await progress()
