@@ -126,6 +126,10 @@ def test_reflection_lists_describes_and_calls_every_served_method(server: Server
         assert listed["inference.GRPCInferenceService"] == [
             "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
             "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics",
+            "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+        ]  # fmt: skip
+        assert listed["tensorflow.serving.ModelService"] == [
+            "GetModelStatus", "HandleReloadConfigRequest",
         ]  # fmt: skip
         assert listed["tensorflow.serving.PredictionService"] == [
             "Classify", "Regress", "Predict", "MultiInference", "GetModelMetadata",
@@ -143,6 +147,15 @@ def test_reflection_lists_describes_and_calls_every_served_method(server: Server
     assert codes["inference.GRPCInferenceService/ModelInfer"] == grpc.StatusCode.NOT_FOUND
     assert codes["tensorflow.serving.PredictionService/Classify"] == (grpc.StatusCode.UNIMPLEMENTED)
     assert codes["grpc.health.v1.Health/Check"] == grpc.StatusCode.OK
+    # the repository: listing always, changing only with --model-control (off here)
+    assert codes["inference.GRPCInferenceService/RepositoryIndex"] == grpc.StatusCode.OK
+    assert codes["mnist.v1.DigitClassifier/ListModels"] == grpc.StatusCode.OK
+    for changing in (
+        "inference.GRPCInferenceService/RepositoryModelUnload",
+        "tensorflow.serving.ModelService/HandleReloadConfigRequest",
+        "mnist.v1.DigitClassifier/ConfigureModel",
+    ):
+        assert codes[changing] == grpc.StatusCode.FAILED_PRECONDITION, changing
 
 
 def test_reflection_hides_nothing_that_is_served(server: ServerProcess) -> None:

@@ -58,7 +58,7 @@ from mnist_client.timing import HEADER as TIMING_HEADER
 from mnist_client.timing import format_server_timing
 from server.batcher import Answer
 from server.core import ModelStatus
-from server.errors import InvalidArgument, ServiceError, Unimplemented, bounded, quoted
+from server.errors import InvalidArgument, NotFound, ServiceError, Unimplemented, bounded, quoted
 from server.metrics import Duration
 from server.protocols.base import ProtocolContext, Service, image_count, parse
 from server.protocols.pb import open_inference_grpc_pb2 as oip
@@ -116,7 +116,10 @@ class KServe:
         return [Service(SERVICE, unary, {"ModelStreamInfer": self})]
 
     def _resolve(self, name: str, version: str) -> LoadedModel:
-        """The core's version for a request's model name and version ("": any)."""
+        """The core's version for a request's model name and version ("": the model's
+        default). KServe names the model in every request: "" is no model (NOT_FOUND)."""
+        if not name:
+            raise NotFound(f"no model named; this server serves {self._core.repository.names()}")
         return self._core.resolve(name, version or None)
 
     # --- health and metadata
@@ -186,7 +189,7 @@ class KServe:
     async def model_statistics(self, raw: bytes, call: Call) -> bytes:
         request = parse(triton.ModelStatisticsRequest, raw)
         # "" asks for every model; the statistics are the server's (every model's) alike
-        model = self._resolve(request.name, request.version)
+        model = self._core.resolve(request.name or None, request.version or None)
         st = self._stats
         return triton.ModelStatisticsResponse(
             model_stats=[triton.ModelStatistics(
@@ -228,6 +231,7 @@ class KServe:
 
     async def repository_model_load(self, raw: bytes, call: Call) -> bytes:
         request = parse(triton.RepositoryModelLoadRequest, raw)
+        self._core.check_control()  # first: with control off, nothing else matters
         _one_repository(request.repository_name)
         policy = None
         for key, value in sorted(request.parameters.items()):
@@ -249,6 +253,7 @@ class KServe:
 
     async def repository_model_unload(self, raw: bytes, call: Call) -> bytes:
         request = parse(triton.RepositoryModelUnloadRequest, raw)
+        self._core.check_control()  # first: with control off, nothing else matters
         _one_repository(request.repository_name)
         for key in sorted(request.parameters):
             if key != UNLOAD_DEPENDENTS_PARAMETER:  # no ensembles here: no dependents
@@ -278,7 +283,7 @@ class KServe:
             if output.name != OUTPUT_NAME:
                 raise InvalidArgument(
                     f"output {quoted(output.name)} is not known; model "
-                    f"'{self._core.model_name}' gives '{OUTPUT_NAME}'"
+                    f"'{model.name}' gives '{OUTPUT_NAME}'"
                 )
         _classes(request)  # a bad classification parameter fails before any compute
         return _images(request, self._settings.max_images_per_request), model
