@@ -163,7 +163,10 @@ def run_benchmark(
     servers: dict[str, dict[str, float | None]] = {}
     try:
         for repeat in range(repeats):
-            for r in running:
+            # each repeat starts at another target: none always runs first (a warmer or
+            # quieter machine) or last
+            shift = repeat % len(running) if running else 0
+            for r in running[shift:] + running[:shift]:
                 for load in loads(concurrencies):
                     if load.path != f"{SERVICE}/Predict" and not r.target.ours:
                         continue  # the echo servers answer mnist.v1 Predict only
@@ -211,19 +214,36 @@ def run_benchmark(
 
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:
-    """The figures the issues ask for, from the median table."""
+    """The figures the issues ask for, from the median table; the A-versus-B comparisons of
+    one feature (monitoring on/off, this server/the baseline) as the median of the ratios
+    of each repeat's two samples, taken minutes apart at most: the machine's slow drift
+    (other work on shared cores) cancels within a pair, where a ratio of two medians keeps
+    it."""
     table = {(r["target"], r["load"]): r for r in result["table"]}
     in_proc: dict[str, float] = result["in_process_images_per_s"][IN_PROCESS_RUNTIMES[0]]
+    by_repeat = {(x["target"], x["load"], x["repeat"]): x for x in result["samples"]}
 
     def get(target: str, load: str, key: str) -> float:
         row = table.get((target, load))
         return float(row[key]) if row else float("nan")
+
+    def paired(a: str, b: str, load: str, key: str) -> float:
+        """Median over repeats of a's figure / b's, each pair from the same repeat."""
+        pairs = [
+            float(x[key]) / float(y[key])
+            for (target, name, repeat), x in by_repeat.items()
+            if target == a and name == load
+            for y in [by_repeat.get((b, load, repeat))]
+            if y is not None and float(y[key]) > 0
+        ]
+        return statistics.median(pairs) if pairs else float("nan")
 
     top = max((c for (_, load), r in table.items() if load.startswith("predict-c")
                for c in [int(load[9:])]), default=64)  # fmt: skip
     c = 64 if ("batched", "predict-c64") in table else top
     load = f"predict-c{c}"
     stream = f"stream{STREAM_MESSAGES}-c16"
+    same = "monitoring-off" if ("monitoring-off", load) in table else "batched"
     return {
         f"predict_c{c}_vs_echo_aio": get("batched", load, "rps") / get("echo-aio", load, "rps"),
         f"cpu_per_request_c{c}_vs_echo_aio": get("batched", load, "cpu_us_per_request")
@@ -245,15 +265,21 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         f"server_timing_cpu_cost_c{c}": get("batched", load, "cpu_us_per_request")
         / get("timing-off", load, "cpu_us_per_request")
         - 1,
-        f"monitoring_rps_c{c}_vs_off": get("batched", load, "rps")
-        / get("monitoring-off", load, "rps"),
-        "monitoring_batch1024_images_vs_off": get("batched", "batch1024-c4", "images_per_s")
-        / get("monitoring-off", "batch1024-c4", "images_per_s"),
-        f"monitoring_cpu_per_request_c{c}_vs_off": get("batched", load, "cpu_us_per_request")
-        / get("monitoring-off", load, "cpu_us_per_request"),
-        f"vs_baseline_rps_c{c}": get("batched", load, "rps") / get("baseline", load, "rps"),
-        "vs_baseline_batch1024_images": get("batched", "batch1024-c4", "images_per_s")
-        / get("baseline", "batch1024-c4", "images_per_s"),
+        f"monitoring_rps_c{c}_vs_off": paired("batched", "monitoring-off", load, "rps"),
+        "monitoring_batch1024_images_vs_off": paired(
+            "batched", "monitoring-off", "batch1024-c4", "images_per_s"
+        ),
+        f"monitoring_cpu_per_request_c{c}_vs_off": paired(
+            "batched", "monitoring-off", load, "cpu_us_per_request"
+        ),
+        "monitoring_cpu_per_request_batch1024_vs_off": paired(
+            "batched", "monitoring-off", "batch1024-c4", "cpu_us_per_request"
+        ),
+        # against another checkout's server: with monitoring off when that target runs
+        # (a baseline from before model monitoring has none)
+        f"vs_baseline_rps_c{c}": paired(same, "baseline", load, "rps"),
+        "vs_baseline_batch1024_images": paired(same, "baseline", "batch1024-c4", "images_per_s"),
+        f"vs_baseline_cpu_per_request_c{c}": paired(same, "baseline", load, "cpu_us_per_request"),
         f"kserve_cpu_per_request_vs_native_c{c}": get(
             "batched", f"kserve-c{c}", "cpu_us_per_request"
         )

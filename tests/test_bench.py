@@ -45,8 +45,8 @@ def test_bench_smoke_produces_table_json_and_plot(
         "stream_images_per_s", "stream_images_vs_echo_aio_unary_c16",
         "stream_cpu_per_image_vs_echo_aio_unary_c16", "workers2_vs_workers1_c16",
         "monitoring_rps_c16_vs_off", "monitoring_batch1024_images_vs_off",
-        "monitoring_cpu_per_request_c16_vs_off", "vs_baseline_rps_c16",
-        "vs_baseline_batch1024_images",
+        "monitoring_cpu_per_request_c16_vs_off", "monitoring_cpu_per_request_batch1024_vs_off",
+        "vs_baseline_rps_c16", "vs_baseline_batch1024_images", "vs_baseline_cpu_per_request_c16",
         "server_timing_cpu_cost_c16", "kserve_cpu_per_request_vs_native_c16",
         "tfserving_cpu_per_request_vs_native_c16",
     }  # fmt: skip
