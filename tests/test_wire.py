@@ -96,6 +96,7 @@ def test_batch_responses_are_protobufs_bytes(n: int, data: st.DataObject) -> Non
         (b"\x0a\xff\xff", "not a valid mnist.v1.PredictRequest"),
         (b"\x0a\x05ab", "not a valid mnist.v1.PredictRequest"),
         (b"\xff" * 11, "not a valid mnist.v1.PredictRequest"),  # a varint that never ends
+        (b"\x00" * 8, "not a valid mnist.v1.PredictRequest"),  # field number 0 (fuzz found)
     ],
 )
 def test_malformed_predict_requests(message: bytes, fields: str) -> None:
