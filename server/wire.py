@@ -101,7 +101,7 @@ class Fields:
             key, pos = read_varint(data, pos, self.message)
             number, wire = key >> 3, key & 7
             spec = self.fields.get(number)
-            if number == 0:  # no field has number 0: protobuf refuses the message too
+            if not 0 < number < 1 << 29:  # no field has such a number: protobuf refuses it too
                 raise InvalidArgument(f"request is not a valid mnist.v1.{self.message} message")
             if spec is None:
                 unknown += 1

@@ -9,11 +9,13 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mnist_client import DigitClient
 from mnist_client.pb import digit_classifier_pb2 as pb
+from server import wire
 from tests.conftest import ServerProcess
 
 METHODS = ("Predict", "BatchPredict", "GetModelInfo")
@@ -165,8 +167,16 @@ def test_arbitrary_streams(
     for answer in answers:
         by_id.setdefault(answer.id, []).append(answer)
     if tail is not None and code == grpc.StatusCode.OK:
-        # the tail was read as a message (of unknown fields, skipped): answered under its id
-        tail_id = pb.PredictStreamRequest.FromString(tail).id
+        # the tail was read as a message (of unknown fields, skipped), or as one whose id
+        # was read but not the rest (a malformed model_spec, which protobuf refuses whole):
+        # answered under its id, an error in the second case
+        try:
+            tail_id = pb.PredictStreamRequest.FromString(tail).id
+        except DecodeError:
+            with pytest.raises(wire.StreamImageError) as item_error:
+                wire.parse_stream_pinned(tail)
+            tail_id = item_error.value.request_id
+            assert by_id[tail_id][-1].WhichOneof("result") == "error"
         by_id[tail_id] = by_id.get(tail_id, [])[:-1]
     for request_id, image in items:  # answered before any malformed tail ended the call
         got = by_id.get(request_id, [])

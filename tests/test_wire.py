@@ -97,6 +97,7 @@ def test_batch_responses_are_protobufs_bytes(n: int, data: st.DataObject) -> Non
         (b"\x0a\x05ab", "not a valid mnist.v1.PredictRequest"),
         (b"\xff" * 11, "not a valid mnist.v1.PredictRequest"),  # a varint that never ends
         (b"\x00" * 8, "not a valid mnist.v1.PredictRequest"),  # field number 0 (fuzz found)
+        (b"\x80\x80\x80\x80\x10\x00", "not a valid mnist.v1.PredictRequest"),  # number 2**29
     ],
 )
 def test_malformed_predict_requests(message: bytes, fields: str) -> None:
