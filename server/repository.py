@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -46,6 +47,7 @@ class ModelRepository:
         self.models: Mapping[str, ModelManager] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_waiting_log = 0.0  # time.monotonic() of the next "not serving" warning
+        self._scan_lock = threading.Lock()  # the poll and a management call may both scan
         self.scan()
 
     def layout(self) -> dict[str, Path]:
@@ -63,6 +65,10 @@ class ModelRepository:
 
     def scan(self) -> bool:
         """Follow the models the folder holds now; True when the set changed."""
+        with self._scan_lock:
+            return self._scan()
+
+    def _scan(self) -> bool:
         layout = self.layout()
         models = dict(self.models)
         for name, folder in layout.items():
