@@ -340,14 +340,8 @@ class ModelManager:
         is small and read whole at each poll: an edit is seen even when it keeps the size
         and lands within the file system's timestamp granularity."""
         path = self.model_dir / LABELS_FILE
-        try:
-            text: bytes | None = path.read_bytes()
-        except FileNotFoundError:
-            text = None
-        except OSError as err:
-            log.error("%s is not readable, labels unchanged: %s", path, err)
-            return False
-        if text == self._labels_text:
+        text = _read_file(path, "labels")
+        if isinstance(text, _Unreadable) or text == self._labels_text:
             return False
         self._labels_text = text
         spec: dict[str, int] = {}
@@ -373,14 +367,8 @@ class ModelManager:
         """Re-read ``policy.json`` when it changed (absent: ``--version-policy``); True when
         the policy changed."""
         path = self.model_dir / POLICY_FILE
-        try:
-            text: bytes | None = path.read_bytes()
-        except FileNotFoundError:
-            text = None
-        except OSError as err:
-            log.error("%s is not readable, policy unchanged: %s", path, err)
-            return False
-        if text == self._policy_text:
+        text = _read_file(path, "policy")
+        if isinstance(text, _Unreadable) or text == self._policy_text:
             return False
         self._policy_text = text
         policy = self.default_policy
@@ -521,3 +509,19 @@ class ModelManager:
             self.current.version if self.current else "nothing",
             reason,
         )
+
+
+class _Unreadable:
+    """A file that is there but cannot be read: keep what was read before."""
+
+
+def _read_file(path: Path, what: str) -> bytes | _Unreadable | None:
+    """A model folder's small settings file, whole (None: there is none). An unreadable one
+    is logged and an :class:`_Unreadable` (``what`` stays as it was)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        log.error("%s is not readable, %s unchanged: %s", path, what, err)
+        return _Unreadable()
