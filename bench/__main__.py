@@ -97,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, help="another checkout (git worktree add DIR REV): "
                    "its server too, side by side on the same model")  # fmt: skip
     p.add_argument("--targets", default="", help="only these targets (comma-separated names)")
+    p.add_argument("--loads", default="", help="only these loads (comma-separated, e.g. "
+                   "batch1024-c4), no in-process timing: many short A/B repeats")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON and PNG go here")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         sweep=args.sweep,
         only=frozenset(filter(None, args.targets.split(","))),
+        only_loads=frozenset(filter(None, args.loads.split(","))),
         baseline=args.baseline,
     )
     result["ratios"] = r = ratios(result)

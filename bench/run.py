@@ -146,10 +146,11 @@ def run_benchmark(
     repeats: int,
     sweep: bool,
     only: frozenset[str] = frozenset(),
+    only_loads: frozenset[str] = frozenset(),
     baseline: Path | None = None,
 ) -> dict[str, Any]:
-    """Start every target (``only``: these), run every load against each, interleaved,
-    ``repeats`` times."""
+    """Start every target (``only``: these), run every load (``only_loads``: these, and no
+    in-process timing) against each, interleaved, ``repeats`` times."""
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
     with_tf = _tensorflow_installed()
@@ -159,6 +160,8 @@ def run_benchmark(
     running = [start(t, workdir) for t in chosen]
     samples: list[Sample] = []
     runtimes = [r for r in IN_PROCESS_RUNTIMES if r != "tensorflow" or with_tf]
+    if only_loads:
+        runtimes = []
     ceiling: dict[str, list[dict[str, float]]] = {runtime: [] for runtime in runtimes}
     servers: dict[str, dict[str, float | None]] = {}
     try:
@@ -171,6 +174,8 @@ def run_benchmark(
                     if load.path != f"{SERVICE}/Predict" and not r.target.ours:
                         continue  # the echo servers answer mnist.v1 Predict only
                     if load.only and r.target.name not in load.only:
+                        continue
+                    if only_loads and load.name not in only_loads:
                         continue
                     if r.target.loads and not load.name.startswith(r.target.loads):
                         continue
@@ -220,7 +225,7 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     (other work on shared cores) cancels within a pair, where a ratio of two medians keeps
     it."""
     table = {(r["target"], r["load"]): r for r in result["table"]}
-    in_proc: dict[str, float] = result["in_process_images_per_s"][IN_PROCESS_RUNTIMES[0]]
+    in_proc: dict[str, float] = result["in_process_images_per_s"].get(IN_PROCESS_RUNTIMES[0], {})
     by_repeat = {(x["target"], x["load"], x["repeat"]): x for x in result["samples"]}
 
     def get(target: str, load: str, key: str) -> float:

@@ -52,3 +52,34 @@ def test_bench_smoke_produces_table_json_and_plot(
     }  # fmt: skip
     for figures in data["servers"].values():
         assert figures["rss_mb"] > 0 and figures["start_to_serving_s"] > 0
+
+
+def test_bench_ab_repeats_of_one_load_pair_each_repeat(
+    trained_model_dir: Path, mnist_dir: Path, tmp_path: Path
+) -> None:
+    """``--targets`` and ``--loads``: only those, no in-process timing, and the on/off ratio
+    from the pairs of each repeat."""
+    need("h2load", "apt-get install nghttp2-client")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--repeats", "3", "--model-dir",
+         str(trained_model_dir), "--data-dir", str(mnist_dir), "--out", str(tmp_path),
+         "--targets", "batched,monitoring-off", "--loads", "predict-c16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (json_path,) = tmp_path.glob("bench-*.json")
+    data = json.loads(json_path.read_text())
+    assert {(s["target"], s["load"]) for s in data["samples"]} == {
+        ("batched", "predict-c16"),
+        ("monitoring-off", "predict-c16"),
+    }
+    assert len(data["samples"]) == 6 and data["in_process_images_per_s"] == {}
+    # each repeat started at another target
+    firsts = [s["target"] for s in data["samples"][::2]]
+    assert firsts == ["batched", "monitoring-off", "batched"]
+    pairs = sorted(
+        a["rps"] / b["rps"]
+        for a in data["samples"] if a["target"] == "batched"
+        for b in data["samples"] if b["target"] == "monitoring-off" and b["repeat"] == a["repeat"]
+    )  # fmt: skip
+    assert data["ratios"]["monitoring_rps_c16_vs_off"] == pairs[1]  # their median
