@@ -121,6 +121,11 @@ class DigitClassifier:
             memory_bytes=model.memory_bytes,
             loaded_versions=sorted(routes.versions),
             labels={name: m.version for name, m in routes.labels.items()},
+            versions=[
+                pb.VersionStatus(version=v.version, state=v.state, reason=v.reason)
+                for v in manager.version_states()
+            ],
+            model_name=model.name,
             batching=pb.BatchingConfig(
                 max_batch_size=s.max_batch_size,
                 batch_timeout_ms=s.batch_timeout_ms,

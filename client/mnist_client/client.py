@@ -144,6 +144,9 @@ class ModelInfo:
     memory_bytes: int = 0  # estimated memory this version holds; 0 from older servers
     loaded_versions: tuple[int, ...] = ()  # every loaded version; empty from older servers
     labels: dict[str, int] = field(default_factory=dict)  # label -> the version it points at
+    # every version on disk or loaded, with its state; empty from older servers
+    versions: tuple[VersionStatus, ...] = ()
+    model_name: str = ""  # the model's name; empty from older servers
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,8 @@ def _model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
         memory_bytes=resp.memory_bytes,
         loaded_versions=tuple(resp.loaded_versions),
         labels=dict(resp.labels),
+        versions=tuple(VersionStatus(v.version, v.state, v.reason) for v in resp.versions),
+        model_name=resp.model_name,
     )
 
 

@@ -106,7 +106,11 @@ async def test_each_protocol_names_its_model_and_reaches_that_models_runtime(
             ]
             info = await client.model_info(timeout=10, model="cnn")
         assert (one.model_version, tuple(many.model_versions), streamed) == (1, (2, 2), [1])
-        assert (info.architecture, info.loaded_versions) == ("cnn", (2,))
+        assert (info.model_name, info.architecture, info.loaded_versions) == ("cnn", "cnn", (2,))
+        assert [(v.version, v.state, v.reason) for v in info.versions] == [
+            (1, "UNAVAILABLE", "not in the version policy latest:1"),
+            (2, "READY", ""),
+        ]
     # each call ran on its own model's runtime: mlp 1 four times, cnn 2 four times
     assert len(runtimes[("mlp", 1)].batch_sizes) == 4
     assert len(runtimes[("cnn", 2)].batch_sizes) == 4

@@ -146,6 +146,8 @@ async def test_every_protocol_pins_a_version_and_reaches_its_batcher(
         info = await client.model_info(timeout=10)
     assert unpinned.model_version == 3  # the default: the newest loaded
     assert (info.model_version, info.loaded_versions, info.labels) == (3, (1, 2, 3), {})
+    assert [(v.version, v.state) for v in info.versions] == [(v, "READY") for v in (1, 2, 3)]
+    assert info.model_name == "mnist"
     assert info.memory_bytes == len(b"fake weights of version 3")
 
 

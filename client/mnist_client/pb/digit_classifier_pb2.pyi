@@ -124,7 +124,7 @@ class BatchingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., batch_timeout_ms: _Optional[float] = ..., max_queue_images: _Optional[int] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_version", "architecture", "test_accuracy", "input", "output", "device", "batching", "metadata_json", "loaded_at", "last_failed_version", "last_failure", "runtime", "memory_bytes", "loaded_versions", "labels")
+    __slots__ = ("model_version", "architecture", "test_accuracy", "input", "output", "device", "batching", "metadata_json", "loaded_at", "last_failed_version", "last_failure", "runtime", "memory_bytes", "loaded_versions", "labels", "versions", "model_name")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,8 @@ class GetModelInfoResponse(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     architecture: str
     test_accuracy: float
@@ -162,7 +164,9 @@ class GetModelInfoResponse(_message.Message):
     memory_bytes: int
     loaded_versions: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.ScalarMap[str, int]
-    def __init__(self, model_version: _Optional[int] = ..., architecture: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., metadata_json: _Optional[str] = ..., loaded_at: _Optional[str] = ..., last_failed_version: _Optional[int] = ..., last_failure: _Optional[str] = ..., runtime: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., labels: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    versions: _containers.RepeatedCompositeFieldContainer[VersionStatus]
+    model_name: str
+    def __init__(self, model_version: _Optional[int] = ..., architecture: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., metadata_json: _Optional[str] = ..., loaded_at: _Optional[str] = ..., last_failed_version: _Optional[int] = ..., last_failure: _Optional[str] = ..., runtime: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., labels: _Optional[_Mapping[str, int]] = ..., versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ..., model_name: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
