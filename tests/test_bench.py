@@ -61,7 +61,8 @@ def test_bench_ab_repeats_of_one_load_pair_each_repeat(
     from the pairs of each repeat."""
     need("h2load", "apt-get install nghttp2-client")
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--repeats", "3", "--model-dir",
+        [sys.executable, "-m", "bench", "--seconds", "1", "--warmup", "0.5", "--repeats", "3",
+         "--concurrency", "16", "--model-dir",
          str(trained_model_dir), "--data-dir", str(mnist_dir), "--out", str(tmp_path),
          "--targets", "batched,monitoring-off", "--loads", "predict-c16"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
