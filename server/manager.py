@@ -175,7 +175,7 @@ class ModelManager:
         elsewhere would not help)."""
         model = self.routes.default
         if model is None and self.policy.loads_nothing:
-            raise NotFound(f"{self.waiting_for()}; this model serves nothing")
+            raise NotFound(self.waiting_for() or "unloaded")  # says it was unloaded
         if model is None:
             raise Unavailable(f"no model version is loaded yet: {self.waiting_for() or 'loading'}")
         return model

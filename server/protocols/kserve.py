@@ -352,7 +352,7 @@ def _version_policy(value: triton.ModelRepositoryParameter) -> VersionPolicy:
         policy = VersionPolicy.parse(value.string_param)
     except ValueError as err:
         raise InvalidArgument(f"load parameter '{VERSION_POLICY_PARAMETER}': {err}") from None
-    if str(policy) == "none":
+    if policy.loads_nothing:
         raise InvalidArgument(
             f"load parameter '{VERSION_POLICY_PARAMETER}' 'none' loads nothing: unload the "
             "model with RepositoryModelUnload"

@@ -230,7 +230,7 @@ class TFServing:
             await core.configure(name, policy, labels)
         listed = {name for name, _, _ in plan}
         for name in sorted(set(core.repository.models) - listed):
-            if core.status(name).policy != "none":  # not unloaded yet
+            if not core.repository.models[name].policy.loads_nothing:  # not unloaded yet
                 await core.unload(name)
         return tfs.ReloadConfigResponse(status=tfs.StatusProto(error_code=0)).SerializeToString()
 
