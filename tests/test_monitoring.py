@@ -76,6 +76,36 @@ def test_image_statistics_of_known_images() -> None:
     assert spread_row == pytest.approx(np.arange(4, 24).std(), rel=1e-4) and spread_col < 1e-3
 
 
+def test_answers_are_binned_as_argmax_and_le_buckets_read_them() -> None:
+    """The answers' bins, computed along the class rows, against the plain reading: argmax's
+    digit (a tie goes to the first class; a NaN row, to its NaN) and the confidence's
+    Prometheus bucket (``le``: a value at an edge is in the bucket below it, compared at the
+    edge's float64 precision; a NaN confidence counts as 0)."""
+    rng = np.random.default_rng(7)
+    probabilities = rng.dirichlet(np.full(10, 0.3), 3000).astype(np.float32)
+    probabilities[:8] = np.float32(0.1)  # ten-way ties
+    probabilities[8] = np.float32(0.01)
+    probabilities[8, [2, 7]] = np.float32(0.9)  # a two-way tie above the rest
+    probabilities[9, 4] = np.nan
+    for row, edge in enumerate(CONFIDENCE_EDGES):  # tops at an edge, and just over it
+        probabilities[10 + 2 * row] = [edge, *[0.0] * 9]
+        probabilities[11 + 2 * row] = [np.nextafter(np.float32(edge), np.float32(1)), *[0.0] * 9]
+    monitor = VersionMonitor("m", 1, Profile.build(np.zeros((10, 28, 28), np.uint8),
+                                                   np.eye(10, dtype=np.float32)), 60)  # fmt: skip
+    for parts in (1, 7):  # one buffer, and batches of several sizes
+        monitor.totals[:] = 0
+        for part in np.array_split(probabilities, parts):
+            monitor.observe(np.zeros((len(part), 28, 28), np.uint8), part)
+        totals, _ = monitor.snapshot()
+        digits = probabilities.argmax(axis=1)
+        tops = probabilities[np.arange(len(probabilities)), digits].astype(np.float64)
+        confidence_bins = np.searchsorted(CONFIDENCE_EDGES, tops)  # NaN: the last bucket
+        confidence_bins[np.isnan(tops)] = 0
+        np.testing.assert_array_equal(totals[-1, :10], np.bincount(digits, minlength=10))
+        np.testing.assert_array_equal(totals[-2, :11], np.bincount(confidence_bins, minlength=11))
+        assert totals[-1, 4] >= 1 and totals[-1, 0] >= 8 and totals[-1, 2] >= 1
+
+
 def test_the_profile_bins_the_reference_in_tenths_and_reads_back(
     mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
