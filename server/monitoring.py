@@ -198,26 +198,86 @@ def psi(counts: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((live - ref) * np.log(live / ref)))
 
 
+Chunk = tuple[np.ndarray, np.ndarray]  # a batch's sampled images and every answer's probabilities
+
+
+class Counting:
+    """The thread that counts the monitors' buffers, off the batcher threads.
+
+    A batcher thread only hands its monitor a batch's answers and a few images (a list append
+    under a lock); every few thousand answers the monitor hands the lot to this thread, so
+    the numpy work runs beside the next model call instead of between two. When this thread
+    is ``BACKLOG`` hand-overs behind (the CPU is short), the batcher counts its own: slower,
+    never dropped.
+    """
+
+    BACKLOG = 64
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[VersionMonitor, int, list[Chunk]] | None] = queue.Queue(
+            self.BACKLOG
+        )
+        self._closed = False
+        self._closing = threading.Lock()  # nothing is queued behind the thread's last item
+        self._thread = threading.Thread(target=self._run, name="mnist-monitoring", daemon=True)
+        self._thread.start()
+
+    def submit(self, monitor: VersionMonitor, slot: int, chunks: list[Chunk]) -> None:
+        """Count ``chunks`` on this thread, or on the caller's when it is behind or closed."""
+        with self._closing:
+            if not self._closed:
+                try:
+                    self._queue.put_nowait((monitor, slot, chunks))
+                    return
+                except queue.Full:
+                    pass
+        monitor.count(slot, chunks)
+
+    def wait(self) -> None:
+        """Return once everything handed over so far is counted."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Count what is queued, then stop the thread (later hand-overs count on the
+        caller's)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                item[0].count(item[1], item[2])
+            except Exception:  # a bug here must not stop the counting of later batches
+                log.exception("model monitoring: counting a buffer failed")
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+
 class VersionMonitor:
     """The signals of one loaded version: cumulative counts and a sliding window.
 
-    :meth:`observe` runs on the batcher thread once per batch and only copies: every answer's
-    probabilities, laid out by class (``[10, N]``: the digits and confidences are then
-    reductions along ten long rows), and up to ``SAMPLE_PER_BATCH`` of the batch's images,
-    into buffers. The numpy work runs once a buffer is full (the answers and the images each
-    at their own), when the window moves on, and at scrape time (:meth:`snapshot`,
-    :meth:`window`), over thousands of answers at once: about 25 ns per answer plus 2 us per
-    sampled image, instead of the ~40 us a batch of any size would cost computed alone. A
-    lock keeps the buffers and counts whole between the batcher and the metrics thread.
+    :meth:`observe` runs on the batcher thread once per batch and only keeps: the batch's
+    probabilities (a reference: the runtime's array is the batch's own) and a copy of up to
+    ``SAMPLE_PER_BATCH`` of its images. Once ``ANSWER_ROWS`` answers are kept, when the
+    window moves on, and at scrape time (:meth:`snapshot`, :meth:`window`), they are counted
+    at once (by ``counting``'s thread when there is one): the probabilities laid out by class
+    (``[10, N]``: the digits and confidences are then reductions along ten long rows), about
+    25 ns per answer and 2 us per sampled image, instead of the ~40 us a batch of any size
+    would cost counted alone.
     """
 
-    PROBABILITY_ROWS = 4096  # answers buffered before they are counted
-    IMAGE_ROWS = 1024  # sampled images buffered before their statistics are computed
-    SAMPLE_PER_BATCH = 4  # images of a batch whose input statistics are computed
+    ANSWER_ROWS = 4096  # answers kept before they are counted
+    SAMPLE_PER_WINDOW = 12_000  # images whose input statistics are computed, about, per window
+    SAMPLE_PER_BATCH = 4  # and at most this many of one batch
 
     def __init__(
         self, model: str, version: int, profile: Profile, window_seconds: float,
-        payload_log: PayloadLog | None = None,
+        payload_log: PayloadLog | None = None, counting: Counting | None = None,
     ) -> None:  # fmt: skip
         self.model = model
         self.version = str(version)
@@ -230,85 +290,104 @@ class VersionMonitor:
         self._slot_seconds = window_seconds / WINDOW_SLOTS
         self._window = np.zeros((WINDOW_SLOTS, n, width), np.int64)
         self._slot_ids = np.full(WINDOW_SLOTS, -1, np.int64)
-        self._slot = -1  # the slot the buffered rows belong to
         self._reference = [np.asarray(profile.shares[k]) for k in SIGNALS]
         self.low_bins = CONFIDENCE_EDGES.index(LOW_CONFIDENCE) + 1
-        self._by_class = np.empty((NUM_CLASSES, self.PROBABILITY_ROWS), np.float32)
-        self._images = np.empty((self.IMAGE_ROWS, 28, 28), np.uint8)
-        self._answers = 0  # rows buffered
-        self._sampled = 0
-        self.lock = threading.Lock()
+        self._kept: list[Chunk] = []
+        self._kept_rows = 0
+        self._slot = -1  # the window slot of the kept batches
+        self._slot_images = 0  # images observed in that slot
+        self._stride = 1  # every stride-th image of the slot is sampled
+        self.lock = threading.Lock()  # the kept batches (batcher thread, scrape)
+        self._counts_lock = threading.Lock()  # the totals and the window (counting, scrape)
         self.payload_log = payload_log
+        self.counting = counting
 
     def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
         """Count one batch (uint8 images ``[N, 28, 28]``, their probabilities ``[N, 10]``)."""
         n = len(images)
-        sample = images[:: max(1, n // self.SAMPLE_PER_BATCH)][: self.SAMPLE_PER_BATCH]
         slot = int(time.monotonic() / self._slot_seconds)
         with self.lock:
+            moved = None
             if slot != self._slot:
-                self._flush()
-                self._slot = slot
-            if self._answers + n > self.PROBABILITY_ROWS:
-                self._count_answers()
-            if n > self.PROBABILITY_ROWS:  # larger than the buffer: counted at once
-                self._count_answers(np.ascontiguousarray(probabilities.T))
-            else:
-                self._by_class[:, self._answers : self._answers + n] = probabilities.T
-                self._answers += n
-            if self._sampled + len(sample) > self.IMAGE_ROWS:
-                self._count_images()
-            self._images[self._sampled : self._sampled + len(sample)] = sample
-            self._sampled += len(sample)
+                moved = self._take()
+                self._stride = self._sample_stride(self._slot_images)
+                self._slot, self._slot_images = slot, 0
+            # every stride-th image of the slot; a view, not a copy: a numpy copy lets go of
+            # the GIL, and taking it back can wait for the event loop's thread
+            first = -self._slot_images % self._stride
+            sample = images[first :: self._stride][: self.SAMPLE_PER_BATCH]
+            self._slot_images += n
+            self._kept.append((sample, probabilities))
+            self._kept_rows += n
+            full = self._take() if self._kept_rows >= self.ANSWER_ROWS else None
+        for taken in (moved, full):
+            if taken is not None and taken[1]:
+                self._hand_over(*taken)
         if self.payload_log is not None:
             self.payload_log.sample(self.model, self.version, images, probabilities)
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        """The cumulative bin counts and sums, with what is buffered counted first (the
-        metrics thread, at scrape time)."""
+    def _sample_stride(self, last_slot_images: int) -> int:
+        """Sample every how-many-th image in a slot: as many as the last slot had, over the
+        share of ``SAMPLE_PER_WINDOW`` a slot gets (at least every image)."""
+        return max(1, -(-last_slot_images * WINDOW_SLOTS // self.SAMPLE_PER_WINDOW))
+
+    def _take(self) -> tuple[int, list[Chunk]]:
+        """The kept batches with their slot, and keep none. Under the lock."""
+        taken, self._kept, self._kept_rows = self._kept, [], 0
+        return self._slot, taken
+
+    def _hand_over(self, slot: int, chunks: list[Chunk]) -> None:
+        if self.counting is None:
+            self.count(slot, chunks)
+        else:
+            self.counting.submit(self, slot, chunks)
+
+    def flush(self) -> None:
+        """Count every batch observed so far (at scrape time; waits for the counting
+        thread)."""
         with self.lock:
-            self._flush()
+            slot, chunks = self._take()
+        if chunks:
+            self._hand_over(slot, chunks)
+        if self.counting is not None:
+            self.counting.wait()
+
+    def count(self, slot: int, chunks: list[Chunk]) -> None:
+        """Bin the answers and the sampled images' statistics of ``chunks`` observed in window
+        ``slot`` into the totals and the window."""
+        answers = [probabilities.T for _, probabilities in chunks]
+        # into C order: numpy would lay the transposes out in their own (F) order, where a
+        # reduction along the classes runs answer by answer again
+        by_class = np.empty(
+            (NUM_CLASSES, sum(a.shape[1] for a in answers)), np.result_type(*answers)
+        )
+        np.concatenate(answers, axis=1, out=by_class)
+        answer_counts, answer_sums = self.binning.answer_counts(by_class)
+        statistics = image_statistics(np.concatenate([sample for sample, _ in chunks]))
+        counts = np.concatenate([self.binning.statistic_counts(statistics), answer_counts])
+        sums = np.concatenate([statistics.sum(axis=0), answer_sums])
+        at = slot % WINDOW_SLOTS
+        with self._counts_lock:
+            self.totals += counts
+            self.sums += sums
+            if self._slot_ids[at] > slot:  # counted after the window moved past its slot
+                return
+            if self._slot_ids[at] != slot:
+                self._window[at] = 0
+                self._slot_ids[at] = slot
+            self._window[at] += counts
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cumulative bin counts and sums of every batch observed so far."""
+        self.flush()
+        with self._counts_lock:
             return self.totals.copy(), self.sums.copy()
-
-    def _flush(self) -> None:
-        """Count what is buffered. Under the lock."""
-        if self._answers:
-            self._count_answers()
-        if self._sampled:
-            self._count_images()
-
-    def _count_answers(self, by_class: np.ndarray | None = None) -> None:
-        """Bin each answer's digit and confidence: of probabilities ``by_class`` ``[10, N]``,
-        by default the buffered ones (then emptied). Under the lock."""
-        if by_class is None:
-            by_class, self._answers = self._by_class[:, : self._answers], 0
-        counts, sums = self.binning.answer_counts(by_class)
-        self._add(slice(len(STATISTICS), None), counts, sums)
-
-    def _count_images(self) -> None:
-        """Bin the buffered sampled images' input statistics, then empty the buffer. Under
-        the lock."""
-        statistics = image_statistics(self._images[: self._sampled])
-        self._sampled = 0
-        counts = self.binning.statistic_counts(statistics)
-        self._add(slice(None, len(STATISTICS)), counts, statistics.sum(axis=0))
-
-    def _add(self, signals: slice, counts: np.ndarray, sums: Any) -> None:
-        """Add some ``signals``' bin counts and sums to the totals and to the window slot of
-        the buffered rows. Under the lock."""
-        self.totals[signals] += counts
-        self.sums[signals] += sums
-        at = self._slot % WINDOW_SLOTS
-        if self._slot_ids[at] != self._slot:
-            self._window[at] = 0
-            self._slot_ids[at] = self._slot
-        self._window[at, signals] += counts
 
     def window(self) -> np.ndarray:
         """Bin counts over the sliding window."""
+        self.flush()
         now = int(time.monotonic() / self._slot_seconds)
-        with self.lock:
-            self._flush()
+        with self._counts_lock:
             live = self._slot_ids > now - WINDOW_SLOTS
             return self._window[live].sum(axis=0)
 
@@ -340,6 +419,7 @@ class ModelMonitoring:
         self.payload_log = payload_log
         self.versions: dict[tuple[str, str], VersionMonitor] = {}  # by (model, version)
         self.unmonitored: set[tuple[str, str]] = set()
+        self.counting: Counting | None = None  # started with the first monitored version
 
     def start(self, model: str, version: int, profile: Profile | None) -> VersionMonitor | None:
         """A version of ``model`` is loaded: its monitor, or None when it has no profile."""
@@ -351,7 +431,11 @@ class ModelMonitoring:
             )  # fmt: skip
             self.unmonitored.add((model, str(version)))
             return None
-        monitor = VersionMonitor(model, version, profile, self.window_seconds, self.payload_log)
+        if self.counting is None:
+            self.counting = Counting()
+        monitor = VersionMonitor(
+            model, version, profile, self.window_seconds, self.payload_log, self.counting
+        )
         self.versions[monitor.labels] = monitor
         return monitor
 
@@ -361,6 +445,8 @@ class ModelMonitoring:
         self.unmonitored.discard((model, str(version)))
 
     def close(self) -> None:
+        if self.counting is not None:
+            self.counting.close()
         if self.payload_log is not None:
             self.payload_log.close()
 
