@@ -54,6 +54,8 @@ class Sample:
     mean_batch: float | None
     server_cpu_cores: float
     cpu_us_per_request: float
+    # the share of the server's CPU that model monitoring's counting thread took
+    monitoring_cpu_share: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -63,21 +65,24 @@ def run_one(running: Running, load: Load, payloads: dict[str, Path], seconds: fl
     before = scrape(running.metrics_port) if running.metrics_port else None
     cpu0, t0 = cpu_seconds(*running.pids()), time.perf_counter()
     n, secs, lat = h2load(running.port, load, payloads[load.payload], seconds, warmup, workdir)
-    cpu = (cpu_seconds(*running.pids()) - cpu0) / (time.perf_counter() - t0)
+    cpu_s = cpu_seconds(*running.pids()) - cpu0
+    cpu = cpu_s / (time.perf_counter() - t0)
     settle(running)  # the next run starts on a quiet machine
-    errors, mean_batch = 0, None
+    errors, mean_batch, monitoring_share = 0, None, None
     if before is not None and running.metrics_port:
-        after = scrape(running.metrics_port)
+        after = scrape(running.metrics_port)  # (its scrape counts what monitoring still holds)
         errors = int(after["err"] - before["err"])
         batches = after["batches"] - before["batches"]
         if batches:
             mean_batch = (after["batched_images"] - before["batched_images"]) / batches
+        if after["monitoring_cpu"] and cpu_s > 0:
+            monitoring_share = (after["monitoring_cpu"] - before["monitoring_cpu"]) / cpu_s
     pct = np.percentile(lat, [50, 90, 99]) if len(lat) else np.zeros(3)
     rps = n / secs if secs else 0.0
     return Sample(
         running.target.name, load.name, repeat, load.concurrency, n, secs, rps,
         rps * load.images_per_request, float(pct[0]), float(pct[1]), float(pct[2]),
-        errors, mean_batch, cpu, cpu / rps * 1e6 if rps else float("nan"),
+        errors, mean_batch, cpu, cpu / rps * 1e6 if rps else float("nan"), monitoring_share,
     )  # fmt: skip
 
 
@@ -126,6 +131,7 @@ def median_table(samples: list[Sample]) -> list[dict[str, Any]]:
             "errors": sum(s.errors for s in group), "mean_batch": med("mean_batch"),
             "server_cpu_cores": med("server_cpu_cores"),
             "cpu_us_per_request": med("cpu_us_per_request"),
+            "monitoring_cpu_share": med("monitoring_cpu_share"),
         })  # fmt: skip
     return rows
 
@@ -279,6 +285,11 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         ),
         "monitoring_cpu_per_request_batch1024_vs_off": paired(
             "batched", "monitoring-off", "batch1024-c4", "cpu_us_per_request"
+        ),
+        # by the server's own accounting: its counting thread's CPU over the whole server's
+        f"monitoring_counting_cpu_share_c{c}": get("batched", load, "monitoring_cpu_share"),
+        "monitoring_counting_cpu_share_batch1024": get(
+            "batched", "batch1024-c4", "monitoring_cpu_share"
         ),
         # against another checkout's server: with monitoring off when that target runs
         # (a baseline from before model monitoring has none)

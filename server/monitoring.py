@@ -40,7 +40,7 @@ import logging.handlers
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,7 @@ class Counting:
         )
         self._closed = False
         self._closing = threading.Lock()  # nothing is queued behind the thread's last item
+        self.cpu_seconds = 0.0  # this thread's CPU time counting: what monitoring costs
         self._thread = threading.Thread(target=self._run, name="mnist-monitoring", daemon=True)
         self._thread.start()
 
@@ -249,11 +250,13 @@ class Counting:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            started = time.thread_time()
             try:
                 item[0].count(item[1], item[2])
             except Exception:  # a bug here must not stop the counting of later batches
                 log.exception("model monitoring: counting a buffer failed")
             finally:
+                self.cpu_seconds += time.thread_time() - started
                 self._queue.task_done()
         self._queue.task_done()
 
@@ -262,13 +265,15 @@ class VersionMonitor:
     """The signals of one loaded version: cumulative counts and a sliding window.
 
     :meth:`observe` runs on the batcher thread once per batch and only keeps: the batch's
-    probabilities (a reference: the runtime's array is the batch's own) and a copy of up to
-    ``SAMPLE_PER_BATCH`` of its images. Once ``ANSWER_ROWS`` answers are kept, when the
-    window moves on, and at scrape time (:meth:`snapshot`, :meth:`window`), they are counted
-    at once (by ``counting``'s thread when there is one): the probabilities laid out by class
-    (``[10, N]``: the digits and confidences are then reductions along ten long rows), about
-    25 ns per answer and 2 us per sampled image, instead of the ~40 us a batch of any size
-    would cost counted alone.
+    probabilities (a reference: the runtime's array is the batch's own) and a view of a
+    sample of its images (every image at low rates; every k-th image of a window slot at
+    high ones, k set so that about ``SAMPLE_PER_WINDOW`` are sampled, evenly over the slot;
+    at most ``SAMPLE_PER_BATCH`` of one batch). Once ``ANSWER_ROWS`` answers are kept, when
+    the window moves on, and at scrape time (:meth:`snapshot`, :meth:`window`), they are
+    counted at once (by ``counting``'s thread when there is one): the probabilities laid out
+    by class (``[10, N]``: the digits and confidences are then reductions along ten long
+    rows), about 25 ns per answer and 2 us per sampled image, instead of the ~40 us a batch
+    of any size would cost counted alone.
     """
 
     ANSWER_ROWS = 4096  # answers kept before they are counted
@@ -278,6 +283,7 @@ class VersionMonitor:
     def __init__(
         self, model: str, version: int, profile: Profile, window_seconds: float,
         payload_log: PayloadLog | None = None, counting: Counting | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         self.model = model
         self.version = str(version)
@@ -301,11 +307,12 @@ class VersionMonitor:
         self._counts_lock = threading.Lock()  # the totals and the window (counting, scrape)
         self.payload_log = payload_log
         self.counting = counting
+        self._clock = clock
 
     def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
         """Count one batch (uint8 images ``[N, 28, 28]``, their probabilities ``[N, 10]``)."""
         n = len(images)
-        slot = int(time.monotonic() / self._slot_seconds)
+        slot = int(self._clock() / self._slot_seconds)
         with self.lock:
             moved = None
             if slot != self._slot:
@@ -386,7 +393,7 @@ class VersionMonitor:
     def window(self) -> np.ndarray:
         """Bin counts over the sliding window."""
         self.flush()
-        now = int(time.monotonic() / self._slot_seconds)
+        now = int(self._clock() / self._slot_seconds)
         with self._counts_lock:
             live = self._slot_ids > now - WINDOW_SLOTS
             return self._window[live].sum(axis=0)
@@ -474,10 +481,16 @@ class ModelMonitoring:
             records.add_metric(["written"], self.payload_log.written)
             records.add_metric(["dropped"], self.payload_log.dropped)
             yield records
-        if not monitors:
-            return
-        yield from self._cumulative(monitors)
-        yield from self._windowed(monitors)
+        if monitors:
+            yield from self._cumulative(monitors)  # (counting what the monitors still hold)
+            yield from self._windowed(monitors)
+        if self.counting is not None:
+            yield CounterMetricFamily(
+                "mnist_monitoring_cpu_seconds",
+                "CPU time the monitoring's counting thread spent binning answers and images "
+                "(compare with process_cpu_seconds_total).",
+                value=self.counting.cpu_seconds,
+            )
 
     @staticmethod
     def _cumulative(monitors: list[VersionMonitor]) -> Iterator[Metric]:

@@ -46,6 +46,7 @@ def test_bench_smoke_produces_table_json_and_plot(
         "stream_cpu_per_image_vs_echo_aio_unary_c16", "workers2_vs_workers1_c16",
         "monitoring_rps_c16_vs_off", "monitoring_batch1024_images_vs_off",
         "monitoring_cpu_per_request_c16_vs_off", "monitoring_cpu_per_request_batch1024_vs_off",
+        "monitoring_counting_cpu_share_c16", "monitoring_counting_cpu_share_batch1024",
         "vs_baseline_rps_c16", "vs_baseline_batch1024_images", "vs_baseline_cpu_per_request_c16",
         "server_timing_cpu_cost_c16", "kserve_cpu_per_request_vs_native_c16",
         "tfserving_cpu_per_request_vs_native_c16",
@@ -84,3 +85,6 @@ def test_bench_ab_repeats_of_one_load_pair_each_repeat(
         for b in data["samples"] if b["target"] == "monitoring-off" and b["repeat"] == a["repeat"]
     )  # fmt: skip
     assert data["ratios"]["monitoring_rps_c16_vs_off"] == pairs[1]  # their median
+    # the counting thread's share of the server's CPU: measured with monitoring, absent without
+    shares = {s["target"]: s["monitoring_cpu_share"] for s in data["samples"]}
+    assert 0 < shares["batched"] < 0.5 and shares["monitoring-off"] is None

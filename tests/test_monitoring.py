@@ -23,6 +23,7 @@ from server.monitoring import (
     PROFILE_FILE,
     SIGNALS,
     STATISTICS,
+    WINDOW_SLOTS,
     ModelMonitoring,
     PayloadLog,
     Profile,
@@ -147,10 +148,21 @@ def _bad_kinds(x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _monitor(reference: np.ndarray, window_seconds: float = 60) -> VersionMonitor:
-    return VersionMonitor(
-        "mnist", 3, Profile.build(reference, _probabilities(reference)), window_seconds
-    )
+class _Clock:
+    """A clock the test moves (the monitor's window slots follow it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _monitor(
+    reference: np.ndarray, window_seconds: float = 60, clock: Callable[[], float] = time.monotonic
+) -> VersionMonitor:
+    profile = Profile.build(reference, _probabilities(reference))
+    return VersionMonitor("mnist", 3, profile, window_seconds, clock=clock)
 
 
 def _feed(monitor: VersionMonitor, images: np.ndarray, batch: int = 4) -> None:
@@ -184,15 +196,56 @@ def test_clean_traffic_scores_low_and_each_kind_of_bad_input_scores_high(
 
 def test_the_window_forgets_and_needs_enough_images(mnist: tuple[np.ndarray, np.ndarray]) -> None:
     reference, clean = mnist
-    monitor = _monitor(reference, window_seconds=0.6)  # 6 slots of 0.1 s
+    clock = _Clock()
+    monitor = _monitor(reference, window_seconds=60, clock=clock)  # 6 slots of 10 s
     _feed(monitor, clean[: MIN_WINDOW_IMAGES - 16])
     scores, _, answers = monitor.drift()
     assert scores == {} and answers == MIN_WINDOW_IMAGES - 16  # too few for a score
+    clock.now += 10  # the next slot
     _feed(monitor, 255 - clean[:400])
     assert max(monitor.drift()[0].values()) > 1
-    time.sleep(0.8)  # the window has moved past every image
+    clock.now += 50  # the first slot has left the window, the second not yet
+    assert monitor.drift()[2] == 400
+    clock.now += 10  # the window has moved past every image
     assert monitor.drift() == ({}, 0.0, 0)
     assert int(monitor.totals[SIGNALS.index("digit")].sum()) == MIN_WINDOW_IMAGES - 16 + 400
+
+
+def test_the_input_statistics_sample_a_bounded_even_share_at_high_rates() -> None:
+    """Every image is counted as an answer; the input statistics (2 us an image) take every
+    image at low rates, at most ``SAMPLE_PER_BATCH`` of a batch, and at high rates every
+    k-th image of a slot, k set from the slot before so that about ``SAMPLE_PER_WINDOW`` are
+    sampled a window, evenly over the slot rather than its first images."""
+    clock = _Clock()
+    blank = np.zeros((256, 28, 28), np.uint8)
+    monitor = VersionMonitor("m", 1, Profile.build(blank, _probabilities(blank)), 60,
+                             clock=clock)  # fmt: skip
+    ink = SIGNALS.index("ink_share")
+    digit = SIGNALS.index("digit")
+
+    def sampled_in_window() -> int:
+        return int(monitor.window()[ink].sum())
+
+    small = blank[:3]
+    for _ in range(10):  # a low rate: every image
+        monitor.observe(small, _probabilities(small))
+    assert sampled_in_window() == 30
+    batches, per_slot = 1000, VersionMonitor.SAMPLE_PER_WINDOW // WINDOW_SLOTS
+    probabilities = _probabilities(blank)
+    for _ in range(batches):  # still the first slot: 4 of each batch
+        monitor.observe(blank, probabilities)
+    assert sampled_in_window() == 30 + 4 * batches
+    clock.now += 60  # a new window; the stride comes from 256,030 images in the last slot
+    marked = blank.copy()
+    marked[::7, 0, 0] = 255  # ink on every 7th image: an even sample sees a 7th of them
+    for _ in range(batches):
+        monitor.observe(marked, probabilities)
+    stride = -(-(30 + 256 * batches) * WINDOW_SLOTS // VersionMonitor.SAMPLE_PER_WINDOW)
+    assert sampled_in_window() == pytest.approx(per_slot, rel=0.05)
+    assert sampled_in_window() == len(range(0, 256 * batches, stride))
+    inked = monitor.window()[ink, 1:].sum()  # over the lowest edge: the marked ones
+    assert inked == pytest.approx(sampled_in_window() / 7, rel=0.2)
+    assert int(monitor.totals[digit].sum()) == 30 + 2 * 256 * batches  # every answer
 
 
 def test_the_exported_metrics_count_every_answer_by_version(
@@ -229,8 +282,11 @@ def test_the_exported_metrics_count_every_answer_by_version(
     assert samples[("mnist_input_mean_intensity_count", v3)] == 1 + 4 * per_batch
     assert samples[("mnist_drift_window_images", v3)] == n
     assert ("mnist_drift_score", v3) not in samples or samples[("mnist_drift_score", v3)] >= 0
+    # counted on the monitoring's own thread, whose CPU time is exported
+    assert samples[("mnist_monitoring_cpu_seconds_total", ())] > 0
     monitoring.stop("mnist", 3)
     assert not any(dict(k[1]).get("version") == "3" for k in _samples(registry))
+    monitoring.close()
 
 
 def test_the_payload_log_samples_rotates_and_never_blocks(
