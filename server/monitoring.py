@@ -41,7 +41,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-
-from mnist_client.contract import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +173,31 @@ class Binning:
         # along the 10 rows, not along each answer's 10 columns: numpy reduces a short inner
         # axis one answer at a time, several times slower than argmax over [N, 10]
         confidence = np.maximum.reduce(by_class, axis=0)
-        is_top = by_class == confidence
-        if np.count_nonzero(is_top) == n and not np.isnan(confidence).any():  # one top each
-            digits = np.fromiter(map(np.count_nonzero, is_top), np.int64, len(by_class))
+        # (one call per class row: count_nonzero along an axis is four times slower)
+        digits = np.fromiter(map(np.count_nonzero, by_class == confidence), np.int64, len(by_class))
+        if digits.sum() == n and not np.isnan(confidence).any():  # one top class each
             confidence_sum = float(confidence.sum())
         else:  # a tie, or a NaN: argmax's reading, answer by answer
             digits = np.bincount(by_class.argmax(axis=0), minlength=len(by_class))
-            confidence_sum = float(np.nansum(confidence))  # NaN: confidence 0, its lowest bin
-        exact = confidence.astype(np.float64)  # the edges' own precision, as searchsorted's
-        above = [np.count_nonzero(exact > edge) for edge in self._edges[len(STATISTICS)]]
+            confidence = np.nan_to_num(confidence, nan=0.0)  # its lowest bin
+            confidence_sum = float(confidence.sum())
+        edges = _below(self._edges[len(STATISTICS)], confidence.dtype)
+        above = np.fromiter(
+            map(np.count_nonzero, confidence > edges[:, None]), np.int64, len(edges)
+        )
         counts = np.zeros((2, self.width), np.int64)
-        counts[0, : len(above) + 1] = -np.diff([n, *above, 0])  # le: at an edge is below it
+        counts[0, : len(edges) + 1] = -np.diff([n, *above, 0])  # le: at an edge is below it
         counts[1, : len(digits)] = digits
         return counts, [confidence_sum, float(digits @ np.arange(len(digits)))]
+
+
+def _below(edges: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """``edges`` in ``dtype``, each rounded down: a value of that dtype is then above one
+    exactly when it is above the float64 edge (float32 comparisons, float64's buckets)."""
+    if dtype == edges.dtype:
+        return edges
+    rounded = edges.astype(dtype)
+    return np.where(rounded > edges, np.nextafter(rounded, dtype.type(-np.inf)), rounded)
 
 
 def psi(counts: np.ndarray, reference: np.ndarray) -> float:
@@ -198,7 +208,15 @@ def psi(counts: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((live - ref) * np.log(live / ref)))
 
 
-Chunk = tuple[np.ndarray, np.ndarray]  # a batch's sampled images and every answer's probabilities
+@dataclass
+class Kept:
+    """What a monitor keeps of the batches of one window slot until it counts them."""
+
+    slot: int
+    answers: list[np.ndarray] = field(default_factory=list)  # each batch's probabilities
+    samples: list[np.ndarray] = field(default_factory=list)  # copies of sampled images
+    answer_rows: int = 0
+    sample_rows: int = 0
 
 
 class Counting:
@@ -214,25 +232,23 @@ class Counting:
     BACKLOG = 64
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[VersionMonitor, int, list[Chunk]] | None] = queue.Queue(
-            self.BACKLOG
-        )
+        self._queue: queue.Queue[tuple[VersionMonitor, Kept] | None] = queue.Queue(self.BACKLOG)
         self._closed = False
         self._closing = threading.Lock()  # nothing is queued behind the thread's last item
         self.cpu_seconds = 0.0  # this thread's CPU time counting: what monitoring costs
         self._thread = threading.Thread(target=self._run, name="mnist-monitoring", daemon=True)
         self._thread.start()
 
-    def submit(self, monitor: VersionMonitor, slot: int, chunks: list[Chunk]) -> None:
-        """Count ``chunks`` on this thread, or on the caller's when it is behind or closed."""
+    def submit(self, monitor: VersionMonitor, kept: Kept) -> None:
+        """Count ``kept`` on this thread, or on the caller's when it is behind or closed."""
         with self._closing:
             if not self._closed:
                 try:
-                    self._queue.put_nowait((monitor, slot, chunks))
+                    self._queue.put_nowait((monitor, kept))
                     return
                 except queue.Full:
                     pass
-        monitor.count(slot, chunks)
+        monitor.count(kept)
 
     def wait(self) -> None:
         """Return once everything handed over so far is counted."""
@@ -252,13 +268,21 @@ class Counting:
         while (item := self._queue.get()) is not None:
             started = time.thread_time()
             try:
-                item[0].count(item[1], item[2])
+                item[0].count(item[1])
             except Exception:  # a bug here must not stop the counting of later batches
                 log.exception("model monitoring: counting a buffer failed")
             finally:
                 self.cpu_seconds += time.thread_time() - started
                 self._queue.task_done()
         self._queue.task_done()
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate`` through bytes: numpy lets go of the GIL once per piece, and a
+    busy event loop makes each take back a wait; ``tobytes`` copies holding it."""
+    dtype = np.result_type(*arrays)
+    data = b"".join(np.ascontiguousarray(a, dtype).tobytes() for a in arrays)
+    return np.frombuffer(data, dtype).reshape(-1, *arrays[0].shape[1:])
 
 
 class VersionMonitor:
@@ -276,7 +300,8 @@ class VersionMonitor:
     of any size would cost counted alone.
     """
 
-    ANSWER_ROWS = 4096  # answers kept before they are counted
+    ANSWER_ROWS = 16384  # answers kept before they are counted
+    SAMPLE_ROWS = 1024  # sampled images kept before they are counted
     SAMPLE_PER_WINDOW = 12_000  # images whose input statistics are computed, about, per window
     SAMPLE_PER_BATCH = 4  # and at most this many of one batch
 
@@ -298,12 +323,12 @@ class VersionMonitor:
         self._slot_ids = np.full(WINDOW_SLOTS, -1, np.int64)
         self._reference = [np.asarray(profile.shares[k]) for k in SIGNALS]
         self.low_bins = CONFIDENCE_EDGES.index(LOW_CONFIDENCE) + 1
-        self._kept: list[Chunk] = []
-        self._kept_rows = 0
-        self._slot = -1  # the window slot of the kept batches
-        self._slot_images = 0  # images observed in that slot
+        self._kept = Kept(slot=-1)
+        self._slot_images = 0  # images observed in the kept slot
+        self._slot_sampled = 0  # and sampled
+        self._slot_budget = -(-self.SAMPLE_PER_WINDOW // WINDOW_SLOTS)  # at most, a slot
         self._stride = 1  # every stride-th image of the slot is sampled
-        self.lock = threading.Lock()  # the kept batches (batcher thread, scrape)
+        self.lock = threading.Lock()  # what is kept (batcher thread, scrape)
         self._counts_lock = threading.Lock()  # the totals and the window (counting, scrape)
         self.payload_log = payload_log
         self.counting = counting
@@ -314,22 +339,29 @@ class VersionMonitor:
         n = len(images)
         slot = int(self._clock() / self._slot_seconds)
         with self.lock:
+            kept = self._kept
             moved = None
-            if slot != self._slot:
-                moved = self._take()
+            if slot != kept.slot:
+                moved = kept
                 self._stride = self._sample_stride(self._slot_images)
-                self._slot, self._slot_images = slot, 0
-            # every stride-th image of the slot; a view, not a copy: a numpy copy lets go of
-            # the GIL, and taking it back can wait for the event loop's thread
-            first = -self._slot_images % self._stride
-            sample = images[first :: self._stride][: self.SAMPLE_PER_BATCH]
+                kept = self._kept = Kept(slot)
+                self._slot_images = self._slot_sampled = 0
+            first = -self._slot_images % self._stride  # every stride-th image of the slot
+            room = min(self.SAMPLE_PER_BATCH, self._slot_budget - self._slot_sampled)
+            sample = images[first :: self._stride][: max(room, 0)]
             self._slot_images += n
-            self._kept.append((sample, probabilities))
-            self._kept_rows += n
-            full = self._take() if self._kept_rows >= self.ANSWER_ROWS else None
+            self._slot_sampled += len(sample)
+            kept.answers.append(probabilities)  # the runtime's own array: no copy
+            kept.answer_rows += n
+            if len(sample):  # a copy: a view would keep the whole batch alive
+                kept.samples.append(sample.copy())
+                kept.sample_rows += len(sample)
+            full = None
+            if kept.answer_rows >= self.ANSWER_ROWS or kept.sample_rows >= self.SAMPLE_ROWS:
+                full, self._kept = kept, Kept(slot)
         for taken in (moved, full):
-            if taken is not None and taken[1]:
-                self._hand_over(*taken)
+            if taken is not None and taken.answer_rows:
+                self._hand_over(taken)
         if self.payload_log is not None:
             self.payload_log.sample(self.model, self.version, images, probabilities)
 
@@ -338,50 +370,44 @@ class VersionMonitor:
         share of ``SAMPLE_PER_WINDOW`` a slot gets (at least every image)."""
         return max(1, -(-last_slot_images * WINDOW_SLOTS // self.SAMPLE_PER_WINDOW))
 
-    def _take(self) -> tuple[int, list[Chunk]]:
-        """The kept batches with their slot, and keep none. Under the lock."""
-        taken, self._kept, self._kept_rows = self._kept, [], 0
-        return self._slot, taken
-
-    def _hand_over(self, slot: int, chunks: list[Chunk]) -> None:
+    def _hand_over(self, kept: Kept) -> None:
         if self.counting is None:
-            self.count(slot, chunks)
+            self.count(kept)
         else:
-            self.counting.submit(self, slot, chunks)
+            self.counting.submit(self, kept)
 
     def flush(self) -> None:
         """Count every batch observed so far (at scrape time; waits for the counting
         thread)."""
         with self.lock:
-            slot, chunks = self._take()
-        if chunks:
-            self._hand_over(slot, chunks)
+            kept, self._kept = self._kept, Kept(self._kept.slot)
+        if kept.answer_rows:
+            self._hand_over(kept)
         if self.counting is not None:
             self.counting.wait()
 
-    def count(self, slot: int, chunks: list[Chunk]) -> None:
-        """Bin the answers and the sampled images' statistics of ``chunks`` observed in window
-        ``slot`` into the totals and the window."""
-        answers = [probabilities.T for _, probabilities in chunks]
-        # into C order: numpy would lay the transposes out in their own (F) order, where a
-        # reduction along the classes runs answer by answer again
-        by_class = np.empty(
-            (NUM_CLASSES, sum(a.shape[1] for a in answers)), np.result_type(*answers)
-        )
-        np.concatenate(answers, axis=1, out=by_class)
+    def count(self, kept: Kept) -> None:
+        """Bin the kept answers and sampled images' statistics into the totals and the
+        window, in a dozen large numpy calls: each lets go of the GIL, and taking it back
+        can wait for the event loop's thread (milliseconds when it is busy)."""
+        by_class = np.ascontiguousarray(_stack(kept.answers).T)
         answer_counts, answer_sums = self.binning.answer_counts(by_class)
-        statistics = image_statistics(np.concatenate([sample for sample, _ in chunks]))
-        counts = np.concatenate([self.binning.statistic_counts(statistics), answer_counts])
-        sums = np.concatenate([statistics.sum(axis=0), answer_sums])
-        at = slot % WINDOW_SLOTS
+        n = len(STATISTICS)
+        counts = np.zeros_like(self.totals)
+        sums = np.zeros_like(self.sums)
+        counts[n:], sums[n:] = answer_counts, answer_sums
+        if kept.samples:
+            statistics = image_statistics(_stack(kept.samples))
+            counts[:n], sums[:n] = self.binning.statistic_counts(statistics), statistics.sum(0)
+        at = kept.slot % WINDOW_SLOTS
         with self._counts_lock:
             self.totals += counts
             self.sums += sums
-            if self._slot_ids[at] > slot:  # counted after the window moved past its slot
+            if self._slot_ids[at] > kept.slot:  # counted after the window moved past its slot
                 return
-            if self._slot_ids[at] != slot:
+            if self._slot_ids[at] != kept.slot:
                 self._window[at] = 0
-                self._slot_ids[at] = slot
+                self._slot_ids[at] = kept.slot
             self._window[at] += counts
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:

@@ -213,9 +213,10 @@ def test_the_window_forgets_and_needs_enough_images(mnist: tuple[np.ndarray, np.
 
 def test_the_input_statistics_sample_a_bounded_even_share_at_high_rates() -> None:
     """Every image is counted as an answer; the input statistics (2 us an image) take every
-    image at low rates, at most ``SAMPLE_PER_BATCH`` of a batch, and at high rates every
-    k-th image of a slot, k set from the slot before so that about ``SAMPLE_PER_WINDOW`` are
-    sampled a window, evenly over the slot rather than its first images."""
+    image at low rates, at most ``SAMPLE_PER_BATCH`` of a batch and a slot's share of
+    ``SAMPLE_PER_WINDOW`` (a burst after a quiet slot), and at high rates every k-th image
+    of a slot, k set from the slot before so that about that share is sampled, evenly over
+    the slot rather than its first images."""
     clock = _Clock()
     blank = np.zeros((256, 28, 28), np.uint8)
     monitor = VersionMonitor("m", 1, Profile.build(blank, _probabilities(blank)), 60,
@@ -232,9 +233,9 @@ def test_the_input_statistics_sample_a_bounded_even_share_at_high_rates() -> Non
     assert sampled_in_window() == 30
     batches, per_slot = 1000, VersionMonitor.SAMPLE_PER_WINDOW // WINDOW_SLOTS
     probabilities = _probabilities(blank)
-    for _ in range(batches):  # still the first slot: 4 of each batch
+    for _ in range(batches):  # still the first slot: 4 of each batch, up to the slot's share
         monitor.observe(blank, probabilities)
-    assert sampled_in_window() == 30 + 4 * batches
+    assert sampled_in_window() == per_slot
     clock.now += 60  # a new window; the stride comes from 256,030 images in the last slot
     marked = blank.copy()
     marked[::7, 0, 0] = 255  # ink on every 7th image: an even sample sees a 7th of them
