@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 if TYPE_CHECKING:
     from server.versions import LoadedModel
@@ -106,6 +106,8 @@ class ServerMetrics:
         self.multiprocess = multiprocess_mode()
         self._live: list[tuple[Any, Callable[[], float]]] = []
         r = self.registry
+        if not self.multiprocess:  # process_cpu_seconds_total & co. (a worker's are its own)
+            ProcessCollector(registry=r)
         self.rpc_duration = Histogram(
             "mnist_rpc_duration_seconds",
             "End-to-end handling time of an RPC, by method and status code.",

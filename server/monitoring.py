@@ -1,8 +1,8 @@
 """Model-quality monitoring: what each model version is asked and what it answers, against the
 reference profile its training wrote (``profile.json``), in Prometheus.
 
-Eight signals per image, computed for a whole batch at once (a handful of numpy calls, no
-Python loop over images):
+Eight signals per image, computed for thousands of answers at once on a thread of their own
+(a dozen numpy calls, no Python loop over images; ``VersionMonitor`` says how):
 
 * six cheap input statistics: ``mean_intensity`` (mean pixel, 0-1), ``ink_share`` (share of
   pixels over half intensity), ``center_row`` / ``center_col`` (centre of mass, pixels) and
@@ -41,7 +41,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+
+from mnist_client.contract import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +212,11 @@ def psi(counts: np.ndarray, reference: np.ndarray) -> float:
 
 @dataclass
 class Kept:
-    """What a monitor keeps of the batches of one window slot until it counts them."""
+    """What a monitor hands over to be counted, all of one window slot."""
 
     slot: int
-    answers: list[np.ndarray] = field(default_factory=list)  # each batch's probabilities
-    samples: list[np.ndarray] = field(default_factory=list)  # copies of sampled images
-    answer_rows: int = 0
-    sample_rows: int = 0
+    answers: np.ndarray | None  # the answers' probabilities, [N, 10]
+    samples: list[np.ndarray]  # copies of sampled images, [k, 28, 28] each
 
 
 class Counting:
@@ -280,24 +280,23 @@ class Counting:
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     """``np.concatenate`` through bytes: numpy lets go of the GIL once per piece, and a
     busy event loop makes each take back a wait; ``tobytes`` copies holding it."""
-    dtype = np.result_type(*arrays)
-    data = b"".join(np.ascontiguousarray(a, dtype).tobytes() for a in arrays)
-    return np.frombuffer(data, dtype).reshape(-1, *arrays[0].shape[1:])
+    data = b"".join(a.tobytes() for a in arrays)
+    return np.frombuffer(data, arrays[0].dtype).reshape(-1, *arrays[0].shape[1:])
 
 
 class VersionMonitor:
     """The signals of one loaded version: cumulative counts and a sliding window.
 
     :meth:`observe` runs on the batcher thread once per batch and only keeps: the batch's
-    probabilities (a reference: the runtime's array is the batch's own) and a view of a
-    sample of its images (every image at low rates; every k-th image of a window slot at
-    high ones, k set so that about ``SAMPLE_PER_WINDOW`` are sampled, evenly over the slot;
-    at most ``SAMPLE_PER_BATCH`` of one batch). Once ``ANSWER_ROWS`` answers are kept, when
-    the window moves on, and at scrape time (:meth:`snapshot`, :meth:`window`), they are
-    counted at once (by ``counting``'s thread when there is one): the probabilities laid out
-    by class (``[10, N]``: the digits and confidences are then reductions along ten long
-    rows), about 25 ns per answer and 2 us per sampled image, instead of the ~40 us a batch
-    of any size would cost counted alone.
+    probabilities (a reference: the runtime's array is the batch's own) and a copy of a
+    sample of its images (every image at low rates; at high ones every k-th image of the
+    window slot, k set from the slot before so that about ``SAMPLE_PER_WINDOW`` are sampled
+    a window, evenly over time; at most ``SAMPLE_PER_BATCH`` of one batch and a slot's share
+    of the window's). Once ``ANSWER_ROWS`` answers or ``SAMPLE_ROWS`` images are kept, when
+    the window moves on, and at scrape time (:meth:`snapshot`, :meth:`window`), what is kept
+    is counted at once, by ``counting``'s thread when there is one (:meth:`count`): about 20
+    ns per answer and 2 us per sampled image on an idle core, several times that beside a
+    busy event loop, instead of the ~40 us a batch of any size would cost counted alone.
     """
 
     ANSWER_ROWS = 16384  # answers kept before they are counted
@@ -323,8 +322,12 @@ class VersionMonitor:
         self._slot_ids = np.full(WINDOW_SLOTS, -1, np.int64)
         self._reference = [np.asarray(profile.shares[k]) for k in SIGNALS]
         self.low_bins = CONFIDENCE_EDGES.index(LOW_CONFIDENCE) + 1
-        self._kept = Kept(slot=-1)
-        self._slot_images = 0  # images observed in the kept slot
+        self._slot = -1  # the window slot of what is kept
+        self._answers = self._answer_buffer()  # the slot's answers not yet counted
+        self._answer_rows = 0
+        self._samples: list[np.ndarray] = []  # and its sampled images
+        self._sample_rows = 0
+        self._slot_images = 0  # images observed in the slot
         self._slot_sampled = 0  # and sampled
         self._slot_budget = -(-self.SAMPLE_PER_WINDOW // WINDOW_SLOTS)  # at most, a slot
         self._stride = 1  # every stride-th image of the slot is sampled
@@ -335,35 +338,57 @@ class VersionMonitor:
         self._clock = clock
 
     def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
-        """Count one batch (uint8 images ``[N, 28, 28]``, their probabilities ``[N, 10]``)."""
+        """Count one batch (uint8 images ``[N, 28, 28]``, their probabilities ``[N, 10]``).
+
+        Copies only, holding the GIL (a numpy copy this small does not let go of it): the
+        answers into a buffer, a sampled image or so."""
         n = len(images)
         slot = int(self._clock() / self._slot_seconds)
+        handed: list[Kept] = []
         with self.lock:
-            kept = self._kept
-            moved = None
-            if slot != kept.slot:
-                moved = kept
+            if slot != self._slot:
+                handed.append(self._take(samples=True))
                 self._stride = self._sample_stride(self._slot_images)
-                kept = self._kept = Kept(slot)
-                self._slot_images = self._slot_sampled = 0
+                self._slot, self._slot_images, self._slot_sampled = slot, 0, 0
             first = -self._slot_images % self._stride  # every stride-th image of the slot
             room = min(self.SAMPLE_PER_BATCH, self._slot_budget - self._slot_sampled)
             sample = images[first :: self._stride][: max(room, 0)]
             self._slot_images += n
-            self._slot_sampled += len(sample)
-            kept.answers.append(probabilities)  # the runtime's own array: no copy
-            kept.answer_rows += n
             if len(sample):  # a copy: a view would keep the whole batch alive
-                kept.samples.append(sample.copy())
-                kept.sample_rows += len(sample)
-            full = None
-            if kept.answer_rows >= self.ANSWER_ROWS or kept.sample_rows >= self.SAMPLE_ROWS:
-                full, self._kept = kept, Kept(slot)
-        for taken in (moved, full):
-            if taken is not None and taken.answer_rows:
-                self._hand_over(taken)
+                self._samples.append(sample.copy())
+                self._sample_rows += len(sample)
+                self._slot_sampled += len(sample)
+            done = 0
+            while done < n:
+                take = min(n - done, self.ANSWER_ROWS - self._answer_rows)
+                self._answers[self._answer_rows : self._answer_rows + take] = probabilities[
+                    done : done + take
+                ]
+                self._answer_rows += take
+                done += take
+                if self._answer_rows == self.ANSWER_ROWS:  # the images wait for more
+                    handed.append(self._take(samples=self._sample_rows >= self.SAMPLE_ROWS))
+            if self._sample_rows >= self.SAMPLE_ROWS:
+                handed.append(self._take(samples=True))
+        for kept in handed:
+            if kept.answers is not None or kept.samples:
+                self._hand_over(kept)
         if self.payload_log is not None:
             self.payload_log.sample(self.model, self.version, images, probabilities)
+
+    def _answer_buffer(self) -> np.ndarray:
+        return np.empty((self.ANSWER_ROWS, NUM_CLASSES), np.float32)
+
+    def _take(self, samples: bool) -> Kept:
+        """The kept answers (and the sampled images, with ``samples``), and keep none. Under
+        the lock."""
+        answers = self._answers[: self._answer_rows] if self._answer_rows else None
+        if answers is not None:
+            self._answers, self._answer_rows = self._answer_buffer(), 0
+        taken: list[np.ndarray] = []
+        if samples:
+            taken, self._samples, self._sample_rows = self._samples, [], 0
+        return Kept(self._slot, answers, taken)
 
     def _sample_stride(self, last_slot_images: int) -> int:
         """Sample every how-many-th image in a slot: as many as the last slot had, over the
@@ -380,8 +405,8 @@ class VersionMonitor:
         """Count every batch observed so far (at scrape time; waits for the counting
         thread)."""
         with self.lock:
-            kept, self._kept = self._kept, Kept(self._kept.slot)
-        if kept.answer_rows:
+            kept = self._take(samples=True)
+        if kept.answers is not None or kept.samples:
             self._hand_over(kept)
         if self.counting is not None:
             self.counting.wait()
@@ -390,12 +415,12 @@ class VersionMonitor:
         """Bin the kept answers and sampled images' statistics into the totals and the
         window, in a dozen large numpy calls: each lets go of the GIL, and taking it back
         can wait for the event loop's thread (milliseconds when it is busy)."""
-        by_class = np.ascontiguousarray(_stack(kept.answers).T)
-        answer_counts, answer_sums = self.binning.answer_counts(by_class)
         n = len(STATISTICS)
         counts = np.zeros_like(self.totals)
         sums = np.zeros_like(self.sums)
-        counts[n:], sums[n:] = answer_counts, answer_sums
+        if kept.answers is not None:
+            by_class = np.ascontiguousarray(kept.answers.T)  # one copy, one GIL release
+            counts[n:], sums[n:] = self.binning.answer_counts(by_class)
         if kept.samples:
             statistics = image_statistics(_stack(kept.samples))
             counts[:n], sums[:n] = self.binning.statistic_counts(statistics), statistics.sum(0)

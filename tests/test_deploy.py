@@ -42,7 +42,8 @@ def test_dashboard_covers_what_operatorsneed() -> None:
         "mnist_model_version", "mnist_inflight_requests", "mnist_predictions_total",
         "mnist_reference_digit_share", "mnist_prediction_confidence_bucket", "mnist_drift_psi",
         "mnist_drift_score", "mnist_low_confidence_share", "mnist_reference_low_confidence_share",
-        "mnist_version_requests_total",
+        "mnist_version_requests_total", "mnist_monitoring_cpu_seconds_total",
+        "process_cpu_seconds_total",
     ):  # fmt: skip
         assert metric in exprs, metric
     titles = [title for title, _ in _dashboard_queries()]
