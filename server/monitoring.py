@@ -222,9 +222,9 @@ class Kept:
 class Counting:
     """The thread that counts the monitors' buffers, off the batcher threads.
 
-    A batcher thread only hands its monitor a batch's answers and a few images (a list append
-    under a lock); every few thousand answers the monitor hands the lot to this thread, so
-    the numpy work runs beside the next model call instead of between two. When this thread
+    A batcher thread only copies a batch's answers and a sampled image or so into its
+    monitor's buffers; every 16,384 answers the monitor hands the lot to this thread, so the
+    numpy work runs beside the next model call instead of between two. When this thread
     is ``BACKLOG`` hand-overs behind (the CPU is short), the batcher counts its own: slower,
     never dropped.
     """
@@ -287,16 +287,16 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 class VersionMonitor:
     """The signals of one loaded version: cumulative counts and a sliding window.
 
-    :meth:`observe` runs on the batcher thread once per batch and only keeps: the batch's
-    probabilities (a reference: the runtime's array is the batch's own) and a copy of a
-    sample of its images (every image at low rates; at high ones every k-th image of the
-    window slot, k set from the slot before so that about ``SAMPLE_PER_WINDOW`` are sampled
-    a window, evenly over time; at most ``SAMPLE_PER_BATCH`` of one batch and a slot's share
-    of the window's). Once ``ANSWER_ROWS`` answers or ``SAMPLE_ROWS`` images are kept, when
-    the window moves on, and at scrape time (:meth:`snapshot`, :meth:`window`), what is kept
-    is counted at once, by ``counting``'s thread when there is one (:meth:`count`): about 20
-    ns per answer and 2 us per sampled image on an idle core, several times that beside a
-    busy event loop, instead of the ~40 us a batch of any size would cost counted alone.
+    :meth:`observe` runs on the batcher thread once per batch and only copies: the batch's
+    probabilities into a buffer (float32, as the models give them), and a sample of its
+    images (every image at low rates; at high ones every k-th image of the window slot, k
+    set from the slot before so that about ``SAMPLE_PER_WINDOW`` are sampled a window,
+    evenly over time; at most ``SAMPLE_PER_BATCH`` of one batch and a slot's share of the
+    window's). Once ``ANSWER_ROWS`` answers or ``SAMPLE_ROWS`` images are kept, when the
+    window moves on, and at scrape time (:meth:`snapshot`, :meth:`window`), what is kept is
+    counted at once, by ``counting``'s thread when there is one (:meth:`count`): about 20 ns
+    per answer and 2 us per sampled image on an idle core, several times that beside a busy
+    event loop, instead of the ~40 us a batch of any size would cost counted alone.
     """
 
     ANSWER_ROWS = 16384  # answers kept before they are counted
