@@ -24,6 +24,8 @@ from server.monitoring import (
     SIGNALS,
     STATISTICS,
     WINDOW_SLOTS,
+    Counting,
+    Kept,
     ModelMonitoring,
     PayloadLog,
     Profile,
@@ -247,6 +249,42 @@ def test_the_input_statistics_sample_a_bounded_even_share_at_high_rates() -> Non
     inked = monitor.window()[ink, 1:].sum()  # over the lowest edge: the marked ones
     assert inked == pytest.approx(sampled_in_window() / 7, rel=0.2)
     assert int(monitor.totals[digit].sum()) == 30 + 2 * 256 * batches  # every answer
+
+
+def test_counting_off_the_batcher_thread_drops_nothing_when_behind_or_closed() -> None:
+    """The counting thread takes hand-overs in order; a batcher that finds it ``BACKLOG``
+    behind counts its own, and after ``close`` every hand-over is counted by its caller."""
+    blank = np.zeros((8, 28, 28), np.uint8)
+    profile = Profile.build(blank, _probabilities(blank))
+    counting = Counting()
+    monitor = VersionMonitor("m", 1, profile, 60, counting=counting)
+    digit = SIGNALS.index("digit")
+    stuck, release = threading.Event(), threading.Event()
+    counted_on: list[str] = []
+    real_count = monitor.count
+
+    def slow_count(kept: Kept) -> None:
+        counted_on.append(threading.current_thread().name)
+        if threading.current_thread().name == "mnist-monitoring":
+            stuck.set()
+            release.wait(10)  # the thread is stuck on its first hand-over
+        real_count(kept)
+
+    monitor.count = slow_count  # type: ignore[method-assign]
+    rows = VersionMonitor.ANSWER_ROWS
+    probabilities = _probabilities(np.resize(blank, (rows, 28, 28)))
+    images = np.resize(blank, (rows, 28, 28))
+    monitor.observe(images, probabilities)  # taken by the thread, which then is stuck
+    assert stuck.wait(10)
+    for _ in range(Counting.BACKLOG + 2):  # BACKLOG queued behind it, 2 over
+        monitor.observe(images, probabilities)
+    assert counted_on.count("MainThread") == 2  # counted by the "batcher" itself
+    release.set()
+    counting.close()
+    monitor.observe(images, probabilities)  # after close: on the caller's thread
+    assert counted_on.count("MainThread") == 3
+    totals, _ = monitor.snapshot()
+    assert int(totals[digit].sum()) == (Counting.BACKLOG + 4) * rows  # none dropped
 
 
 def test_the_exported_metrics_count_every_answer_by_version(
