@@ -215,7 +215,8 @@ class Kept:
     """What a monitor hands over to be counted, all of one window slot."""
 
     slot: int
-    answers: np.ndarray | None  # the answers' probabilities, [N, 10]
+    answers: np.ndarray | None  # a buffer of answers' probabilities, [ANSWER_ROWS, 10]
+    rows: int  # the answers in it
     samples: list[np.ndarray]  # copies of sampled images, [k, 28, 28] each
 
 
@@ -323,6 +324,7 @@ class VersionMonitor:
         self._reference = [np.asarray(profile.shares[k]) for k in SIGNALS]
         self.low_bins = CONFIDENCE_EDGES.index(LOW_CONFIDENCE) + 1
         self._slot = -1  # the window slot of what is kept
+        self._spare: list[np.ndarray] = []  # answer buffers counted, to fill again
         self._answers = self._answer_buffer()  # the slot's answers not yet counted
         self._answer_rows = 0
         self._samples: list[np.ndarray] = []  # and its sampled images
@@ -371,24 +373,29 @@ class VersionMonitor:
             if self._sample_rows >= self.SAMPLE_ROWS:
                 handed.append(self._take(samples=True))
         for kept in handed:
-            if kept.answers is not None or kept.samples:
-                self._hand_over(kept)
+            self._hand_over(kept)
         if self.payload_log is not None:
             self.payload_log.sample(self.model, self.version, images, probabilities)
 
     def _answer_buffer(self) -> np.ndarray:
-        return np.empty((self.ANSWER_ROWS, NUM_CLASSES), np.float32)
+        """A counted buffer again, else a new one: a new one is a fresh memory map (the
+        server's allocator maps large blocks), whose first writes fault page by page on the
+        batcher thread (6 us a batch of 256)."""
+        try:
+            return self._spare.pop()
+        except IndexError:
+            return np.empty((self.ANSWER_ROWS, NUM_CLASSES), np.float32)
 
     def _take(self, samples: bool) -> Kept:
         """The kept answers (and the sampled images, with ``samples``), and keep none. Under
         the lock."""
-        answers = self._answers[: self._answer_rows] if self._answer_rows else None
+        answers, rows = (self._answers, self._answer_rows) if self._answer_rows else (None, 0)
         if answers is not None:
             self._answers, self._answer_rows = self._answer_buffer(), 0
         taken: list[np.ndarray] = []
         if samples:
             taken, self._samples, self._sample_rows = self._samples, [], 0
-        return Kept(self._slot, answers, taken)
+        return Kept(self._slot, answers, rows, taken)
 
     def _sample_stride(self, last_slot_images: int) -> int:
         """Sample every how-many-th image in a slot: as many as the last slot had, over the
@@ -396,6 +403,8 @@ class VersionMonitor:
         return max(1, -(-last_slot_images * WINDOW_SLOTS // self.SAMPLE_PER_WINDOW))
 
     def _hand_over(self, kept: Kept) -> None:
+        if kept.answers is None and not kept.samples:
+            return
         if self.counting is None:
             self.count(kept)
         else:
@@ -406,8 +415,7 @@ class VersionMonitor:
         thread)."""
         with self.lock:
             kept = self._take(samples=True)
-        if kept.answers is not None or kept.samples:
-            self._hand_over(kept)
+        self._hand_over(kept)
         if self.counting is not None:
             self.counting.wait()
 
@@ -419,7 +427,9 @@ class VersionMonitor:
         counts = np.zeros_like(self.totals)
         sums = np.zeros_like(self.sums)
         if kept.answers is not None:
-            by_class = np.ascontiguousarray(kept.answers.T)  # one copy, one GIL release
+            by_class = np.ascontiguousarray(kept.answers[: kept.rows].T)  # one GIL release
+            if len(self._spare) < 2:  # read: the batcher may fill it again
+                self._spare.append(kept.answers)
             counts[n:], sums[n:] = self.binning.answer_counts(by_class)
         if kept.samples:
             statistics = image_statistics(_stack(kept.samples))

@@ -287,6 +287,23 @@ def test_counting_off_the_batcher_thread_drops_nothing_when_behind_or_closed() -
     assert int(totals[digit].sum()) == (Counting.BACKLOG + 4) * rows  # none dropped
 
 
+def test_counted_answer_buffers_are_filled_again() -> None:
+    """A new buffer is a fresh memory map whose first writes fault page by page on the
+    batcher thread: once counted, a buffer is the next one filled."""
+    blank = np.zeros((8, 28, 28), np.uint8)
+    monitor = VersionMonitor("m", 1, Profile.build(blank, _probabilities(blank)), 60)
+    rows = VersionMonitor.ANSWER_ROWS
+    images = np.resize(blank, (rows, 28, 28))
+    probabilities = _probabilities(images)
+    first = monitor._answers
+    monitor.observe(images, probabilities)  # full: handed over, counted, kept for reuse
+    second = monitor._answers
+    monitor.observe(images, probabilities)
+    assert second is not first and monitor._answers is first
+    totals, _ = monitor.snapshot()
+    assert int(totals[SIGNALS.index("digit")].sum()) == 2 * rows
+
+
 def test_the_exported_metrics_count_every_answer_by_version(
     mnist: tuple[np.ndarray, np.ndarray],
 ) -> None:

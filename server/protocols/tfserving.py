@@ -183,14 +183,7 @@ class TFServing:
         request = parse(tfs.GetModelStatusRequest, raw)
         spec = request.model_spec
         if spec.HasField("version") or spec.version_label:  # that version, if it serves
-            model = self._served(spec)
-            statuses = [
-                tfs.ModelVersionStatus(
-                    version=model.version,
-                    state=tfs.ModelVersionStatus.AVAILABLE,
-                    status=tfs.StatusProto(error_code=0),
-                )
-            ]
+            statuses = [_version_status(self._served(spec).version, "READY", "")]
         else:  # as TF Serving: every version, whatever its state
             statuses = [_version_status(v.version, v.state, v.reason)
                         for v in self._model_status(spec.name).versions]  # fmt: skip
